@@ -1,0 +1,15 @@
+"""dynlora-fx: SwitchLoRA low-rank pre-training as a torch.fx compiler pass plus a training runtime.
+
+    import dynlora_fx as dl
+    gm = dl.transform(model, example_inputs, dl.SwitchLoRA(rank=64))
+"""
+
+from .api import merge, transform
+from .config import LoRA, ReLoRA, SwitchLoRA, config_from_json
+from .errors import DynLoRAError
+from .module import AdapterInfo, DynLoRAModule, adapters
+from .runtime import AdamW, Switcher, attach
+
+__all__ = ["transform", "merge", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
+           "config_from_json", "DynLoRAError", "AdamW", "attach", "Switcher"]
+__version__ = "0.1.0"

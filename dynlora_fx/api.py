@@ -1,0 +1,113 @@
+"""The public pipeline: capture -> find targets -> insert adapters, and merge back."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .capture import capture
+from .config import AdapterConfig, SwitchLoRA
+from .errors import ConfigError, DynLoRAError, MergeError, TargetError
+from .module import Adapter, DynLoRAModule, unwrap
+from .passes import find_targets, functionalize_leaves, insert_adapters, remove_adapters
+
+__all__ = ["transform", "merge"]
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)  # a lone tensor is a common slip for a 1-tuple
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise ConfigError("example_inputs", f"expected a tuple of positional inputs, got {type(example_inputs).__name__}",
+                          "pass e.g. (x,) — and keyword inputs as example_kwargs={...}")
+    return example_inputs
+
+
+def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig | None = None, *,
+              example_kwargs: dict[str, Any] | None = None) -> DynLoRAModule:
+    """Return a copy of ``model`` whose weight-bearing matrix products carry low-rank adapters.
+
+    ``model`` is left untouched. The result computes the same function at step 0, honours
+    ``.train()``/``.eval()`` like ``model`` and accepts other batch sizes wherever it does.
+    """
+    config = SwitchLoRA() if config is None else config
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", f"expected a torch.nn.Module, got {type(model).__name__}",
+                          "pass the model object itself")
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError("config", f"expected dl.SwitchLoRA, dl.LoRA or dl.ReLoRA, got {type(config).__name__}",
+                          "pass e.g. dl.SwitchLoRA(rank=64)")
+    if any(isinstance(m, DynLoRAModule) for m in model.modules()):
+        raise DynLoRAError(type(model).__name__, "the model is already transformed (it contains adapters)",
+                           "transform the original model, or call dl.merge(gm) first to get a plain model")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ConfigError("example_kwargs", f"expected a dict, got {type(example_kwargs).__name__}",
+                          "pass keyword inputs as a dict, e.g. {'input_ids': ids}")
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+
+    work = copy.deepcopy(model)  # never touch the user's model
+    cap = capture(work, args, kwargs)
+    graphs = dict(cap.graphs)
+    for gm in {id(g): g for g in graphs.values()}.values():
+        functionalize_leaves(gm)
+    if graphs["train"] is not graphs["eval"] and graphs["train"].code == graphs["eval"].code:
+        graphs["eval"] = graphs["train"]  # mode-independent graph: keep (and later compile) one
+
+    plan = find_targets(graphs["train"], config)
+    if not plan.targets:
+        reasons = "; ".join(f"{s.weight}: {s.reason}" for s in plan.skipped[:8]) or "it has no parameter of >= 2 dims"
+        raise TargetError(type(model).__name__, f"no weight can carry an adapter ({reasons})",
+                          "check targets/exclude patterns and rank; the model needs a linear, convolution or "
+                          "matrix product over a trained parameter")
+
+    gm = DynLoRAModule(work, cap.constants, graphs, cap.method, config, plan)
+    with torch.no_grad():
+        for uid, target in enumerate(plan.targets):
+            weight = work.get_parameter(target.weight)
+            adapter = Adapter(target, uid, config, weight)
+            _register(gm.adapters, target.weight, adapter)
+            weight.sub_(adapter.delta().to(weight.dtype))  # so W + s·B·A equals the original W
+            weight.requires_grad_(False)
+    for g in gm._unique_graphs():
+        insert_adapters(g, plan)
+    gm.train(model.training)
+    return gm
+
+
+def _register(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(leaf, module)
+
+
+@torch.no_grad()
+def merge(module: nn.Module) -> DynLoRAModule:
+    """A copy of a transformed module with every ``s·B·A`` folded into its weight and no adapter
+    node or parameter left; same function. Refuses to fold non-finite values."""
+    src = unwrap(module)
+    out = copy.deepcopy(src)
+    for adapter in out.iter_adapters():
+        weight = out.model.get_parameter(adapter.target.weight)
+        merged = weight + adapter.delta().to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(adapter.target.weight, "the merged weight would contain NaN or Inf",
+                             "inspect training for divergence (lower the learning rate, clip gradients) and "
+                             "merge from a finite checkpoint")
+        weight.copy_(merged)
+        weight.requires_grad_(True)
+    for g in out._unique_graphs():
+        remove_adapters(g)
+        del g.adapters
+    out.adapters = nn.Module()
+    out.plan = type(out.plan)((), out.plan.skipped)
+    return out

@@ -1,0 +1,297 @@
+"""Analysis pass: which parameters feed a matrix product, and why the others do not.
+
+A *weight use* follows a parameter of >= 2 dims from each read (``get_attr`` or the
+``call_module`` that owns it) through view-like ops to the op that consumes it.
+A parameter is a target when every consumer is a matrix product (linear, convolution,
+mm/bmm/matmul/addmm/einsum, RNN ops, packed attention, grouped-mm, or an op we do
+not know — unknown ops get the weight-space form rather than silence). Everything
+else is a skip with a reason. This pass reads the graph and never changes it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..config import AdapterConfig, resolve_rank
+from ..errors import TargetError
+
+__all__ = ["WeightUse", "Target", "Skip", "TargetPlan", "find_targets", "weight_uses", "op_name", "match_pattern"]
+
+_VIEW_OPS = {
+    "t", "transpose", "permute", "view", "reshape", "_unsafe_view", "expand", "expand_as", "contiguous",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "chunk", "split", "split_with_sizes", "tensor_split",
+    "unbind", "select", "slice", "narrow", "getitem", "to", "_to_copy", "type", "type_as", "float", "half",
+    "bfloat16", "double", "alias", "detach", "clone", "view_as", "movedim", "swapaxes", "mT", "T",
+    "numpy_T", "lift_fresh_copy", "_assert_tensor_metadata",
+}
+_TRANSPOSING = {"t", "transpose", "mT", "T", "swapaxes", "numpy_T"}
+_METADATA_OPS = {"sym_size", "sym_numel", "sym_stride", "size", "dim", "numel", "stride", "shape", "dtype",
+                 "device", "_assert_scalar", "requires_grad"}
+_LINEAR = {"linear"}
+_CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+_MATRIX = _LINEAR | _CONV | {
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mm", "bmm", "matmul", "addmm", "baddbmm",
+    "addbmm", "addmv", "mv", "einsum", "tensordot", "bilinear", "lstm", "gru", "rnn_tanh", "rnn_relu",
+    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_native_multi_head_attention",
+    "multi_head_attention_forward", "_transformer_encoder_layer_fwd", "__matmul__", "__rmatmul__",
+}
+# (first, second) operand positions of products written x @ W: a weight in second place is (in, out)
+_OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "matmul": (0, 1), "__matmul__": (0, 1), "addmm": (1, 2),
+             "baddbmm": (1, 2), "addbmm": (1, 2)}
+_NOT_MATRIX = {
+    "embedding", "embedding_bag", "cat", "concat", "stack", "index", "index_select", "gather", "scatter",
+    "sum", "mean", "norm", "layer_norm", "native_layer_norm", "group_norm", "batch_norm", "rms_norm",
+    "instance_norm", "where", "masked_fill", "copy_", "output", "add", "sub", "mul", "div", "truediv",
+    "floordiv", "iadd", "isub", "imul", "pow", "neg", "abs", "softmax", "log_softmax", "dropout",
+    "pad", "constant_pad_nd", "roll", "flip", "repeat", "tile", "max", "min", "amax", "amin", "exp",
+    "sigmoid", "tanh", "relu", "gelu", "silu", "clamp", "zeros_like", "ones_like", "empty_like",
+}
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, capture-independent name for what ``node`` does (``aten.linear.default`` -> ``linear``)."""
+    t = node.target
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(t)).__name__.lower()
+    if node.op == "call_method":
+        return str(t)
+    if node.op == "output":
+        return "output"
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[-1]
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::")[-1]
+    if t is getattr and len(node.args) > 1:
+        return str(node.args[1])
+    return getattr(t, "__name__", str(t))
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return torch.Tag.pointwise in t.tags
+    return node.op == "call_function" and getattr(t, "__module__", "") in ("_operator", "operator") \
+        and t not in (operator.getitem, operator.matmul)
+
+
+def classify(node: fx.Node) -> str:
+    """'view' | 'meta' | 'matrix' | 'other' for a node consuming a weight."""
+    name = op_name(node)
+    if name in _VIEW_OPS:
+        return "view"
+    if name in _METADATA_OPS:
+        return "meta"
+    if name in _MATRIX or "grouped_mm" in name or name.endswith("_mm"):
+        return "matrix"
+    if name in _NOT_MATRIX or _is_pointwise(node) or node.op == "call_module":
+        return "other"
+    return "matrix"  # unknown op consuming a matrix: adapt it in weight space rather than ignore it
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """One consumer of a weight: the node, its op, and how the weight reaches it."""
+
+    reader: fx.Node  # the get_attr / call_module that reads the parameter
+    consumer: fx.Node
+    op: str
+    kind: str  # "matrix" | "other"
+    direct: bool  # reader is the consumer's weight argument itself (activation branch possible)
+    transposed: bool  # an odd number of transposes between reader and consumer
+
+
+def _conv_groups(node: fx.Node) -> Any:
+    if "groups" in node.kwargs:
+        return node.kwargs["groups"]
+    name = op_name(node)
+    pos = 8 if name in ("convolution", "_convolution") else 6
+    return node.args[pos] if len(node.args) > pos else 1
+
+
+def _direct(reader: fx.Node, consumer: fx.Node, name: str) -> bool:
+    weight_arg = consumer.args[1] if len(consumer.args) > 1 else consumer.kwargs.get("weight")
+    if weight_arg is not reader:
+        return False
+    if name in _LINEAR:
+        return True
+    if name in ("conv1d", "conv2d", "conv3d"):
+        return _conv_groups(consumer) == 1
+    return False
+
+
+def weight_uses(gm: fx.GraphModule, param: torch.Tensor) -> list[WeightUse]:
+    """Every consumer of ``param`` in ``gm``, followed through view-like ops."""
+    uses: list[WeightUse] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if _get(gm, node.target) is not param:
+                continue
+            stack = [(node, u, False) for u in node.users]
+            while stack:
+                src, user, transposed = stack.pop()
+                kind = classify(user)
+                name = op_name(user)
+                if kind == "view":
+                    flip = transposed ^ (name in _TRANSPOSING)
+                    stack.extend((user, u, flip) for u in user.users)
+                elif kind != "meta":
+                    uses.append(WeightUse(node, user, name, kind, src is node and _direct(node, user, name),
+                                          transposed))
+        elif node.op == "call_module":
+            if any(p is param for p in gm.get_submodule(node.target).parameters()):
+                uses.append(WeightUse(node, node, op_name(node), "other", False, False))
+    return uses
+
+
+def _get(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclass(frozen=True)
+class Target:
+    """A weight that gets an adapter. Shapes are of the matrix view the adapter factorises:
+    ``W.reshape(*batch, rows, cols) += s · B (*batch, rows, r) @ A (*batch, r, cols)``."""
+
+    weight: str  # canonical qualified name in the model
+    aliases: tuple[str, ...]  # every name of the same Parameter object (tied weights)
+    shape: tuple[int, ...]
+    op: str  # the consuming op (the first, if several)
+    form: str  # "activation" | "weight"
+    batch: tuple[int, ...]  # leading dims adapted independently (stacked experts); () otherwise
+    rows: int
+    cols: int
+    rank: int
+    fan_in_is_rows: bool  # the op contracts over rows (x @ W): init stds swap sides
+
+
+@dataclass(frozen=True)
+class Skip:
+    weight: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    targets: tuple[Target, ...]
+    skipped: tuple[Skip, ...]
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Exact name, ``.suffix`` (a whole-component suffix: ``.q.weight`` matches ``q.weight`` and
+    ``layers.0.q.weight``) or ``re:regex`` (full match)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if pattern.startswith("."):
+        return name.endswith(pattern) or name == pattern[1:]
+    return name == pattern
+
+
+def _check_patterns(patterns: tuple[str, ...], field: str, names: list[str]) -> None:
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise TargetError(f"{field} pattern {p!r}", f"invalid regular expression ({exc})",
+                                  "fix the regex after 're:'") from None
+        if not any(match_pattern(p, n) for n in names):
+            shown = ", ".join(names[:30]) + (" …" if len(names) > 30 else "")
+            raise TargetError(f"{field} pattern {p!r}", "it matches no weight of the model",
+                              f"use an exact name, a '.suffix' or 're:regex' over these names: {shown}")
+
+
+def _matrix_view(shape: tuple[int, ...], conv_like: bool) -> tuple[tuple[int, ...], int, int]:
+    if len(shape) == 2:
+        return (), shape[0], shape[1]
+    if conv_like:  # (out, in/groups, *kernel) -> (out, in/groups * prod(kernel))
+        return (), shape[0], math.prod(shape[1:])
+    return tuple(shape[:-2]), shape[-2], shape[-1]  # stacked experts: adapt each
+
+
+def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "model") -> TargetPlan:
+    """Plan which weights of ``gm.<model_attr>`` get adapters under ``config`` (reads only)."""
+    model = getattr(gm, model_attr)
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.dim() >= 2:
+            names_of.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    all_names = [n for ns in names_of.values() for n in ns]
+    _check_patterns(config.targets, "targets", all_names)
+    _check_patterns(config.exclude, "exclude", all_names)
+
+    targets: list[Target] = []
+    skipped: list[Skip] = []
+    for pid, names in names_of.items():
+        p, weight = params[pid], names[0]
+        skip = lambda why: skipped.append(Skip(weight, why))  # noqa: E731
+        if config.targets and not any(match_pattern(t, n) for t in config.targets for n in names):
+            skip("not matched by the targets patterns")
+            continue
+        hit = next((e for e in config.exclude if any(match_pattern(e, n) for n in names)), None)
+        if hit is not None:
+            skip(f"excluded by pattern {hit!r}")
+            continue
+        if not p.is_floating_point():
+            skip(f"not a floating-point weight ({p.dtype})")
+            continue
+        if not p.requires_grad:
+            skip("frozen in the model (requires_grad=False); adapters are only added to trained weights")
+            continue
+        uses = weight_uses(gm, p)
+        if not uses:
+            skip("not used by forward")
+            continue
+        others = [u for u in uses if u.kind == "other"]
+        if others:
+            o = others[0]
+            tied = " (tied to an embedding)" if "embedding" in o.op else ""
+            what = "a matrix product" if len(others) < len(uses) else "no matrix product"
+            skip(f"feeds {what} but also {o.op} at node {o.consumer.name}{tied}; it stays full-rank")
+            continue
+        conv_like = all(u.op in _CONV or u.op.startswith("conv") for u in uses)
+        batch, rows, cols = _matrix_view(tuple(p.shape), conv_like)
+        r = resolve_rank(config.rank, rows, cols)
+        if r > min(rows, cols):
+            skip(f"rank {r} exceeds min(m, n) = {min(rows, cols)} of its {rows}x{cols} matrix; "
+                 "use a smaller int rank or a fractional rank")
+            continue
+        can_branch = all(u.direct for u in uses)
+        form = "activation" if can_branch and config.form in ("auto", "activation") else "weight"
+        targets.append(Target(weight, tuple(names), tuple(p.shape), uses[0].op, form, batch, rows, cols, r,
+                              _fan_in_is_rows(uses[0])))
+    return TargetPlan(tuple(targets), tuple(skipped))
+
+
+def _fan_in_is_rows(use: WeightUse) -> bool:
+    """Whether the op contracts over the weight's rows (only initial scales depend on it)."""
+    operands = _OPERANDS.get(use.op) or ((0, 1) if "grouped_mm" in use.op else None)
+    if operands is None:
+        return use.transposed
+    return _is_operand(use, operands[1]) != use.transposed
+
+
+def _is_operand(use: WeightUse, pos: int) -> bool:
+    """Whether the weight reaches ``use.consumer`` as its positional argument ``pos`` (possibly via views)."""
+    arg = use.consumer.args[pos] if len(use.consumer.args) > pos else None
+    node = arg
+    while isinstance(node, fx.Node):
+        if node is use.reader:
+            return True
+        if classify(node) != "view" or not node.args:
+            return False
+        node = node.args[0]
+    return False

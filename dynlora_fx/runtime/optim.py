@@ -1,0 +1,122 @@
+"""``dl.AdamW``: torch.optim.AdamW with a step counter per vector for adapter factors.
+
+Registered adapter parameters (rows of ``A``, columns of ``B``) keep ``exp_avg``,
+``exp_avg_sq`` and ``step`` per vector, so a vector whose state is reset restarts its
+bias correction alone, and a frozen vector (``frozen > 0``) is not updated at all —
+not by its moments, not by weight decay. Every other parameter goes through the stock
+``torch.optim.AdamW.step`` unchanged, so its numbers are exactly torch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["AdamW"]
+
+
+class AdamW(torch.optim.AdamW):
+    """Drop-in ``torch.optim.AdamW``; the switcher registers adapter factors with
+    :meth:`register_vectors` when it is attached."""
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any):
+        super().__init__(params, *args, **kwargs)
+        # id(param) -> (vector dim, getter of the frozen-steps-left tensor, one entry per vector)
+        self._vectors: dict[int, tuple[int, Callable[[], torch.Tensor]]] = {}
+
+    def register_vectors(self, param: torch.Tensor, dim: int, frozen: Callable[[], torch.Tensor]) -> None:
+        """Give ``param`` per-vector state along ``dim`` (-2: rows, -1: columns); ``frozen()`` returns
+        each vector's remaining frozen steps (read at every step, so ``.to()`` after attaching is fine)."""
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                if group["amsgrad"] or group["maximize"] or group.get("fused") or group.get("capturable"):
+                    raise ConfigError("dl.AdamW", "amsgrad, maximize, fused and capturable are not supported for "
+                                      "adapter factors", "construct dl.AdamW without those options")
+                break
+        else:
+            raise ConfigError("dl.AdamW", "the parameter to register is not in any param group",
+                              "build the optimizer over gm.parameters()")
+        self._vectors[id(param)] = (dim, frozen)
+        state = self.state[param]
+        if state:  # attached after some steps: broadcast the tensor-wide step to every vector
+            state["step"] = torch.full(self._vector_shape(param, dim), float(state["step"]),
+                                       dtype=torch.float32, device=param.device)
+
+    @staticmethod
+    def _vector_shape(param: torch.Tensor, dim: int) -> tuple[int, ...]:
+        shape = list(param.shape)
+        shape[-1 if dim == -2 else -2] = 1
+        return tuple(shape)
+
+    def vector_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-vector state of a registered parameter (created on first use)."""
+        state = self.state[param]
+        if not state:
+            dim, _ = self._vectors[id(param)]
+            state["step"] = torch.zeros(self._vector_shape(param, dim), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._vectors:
+            super().step()
+            return loss
+        saved = [g["params"] for g in self.param_groups]
+        try:  # stock AdamW for everything that is not an adapter factor
+            for g in self.param_groups:
+                g["params"] = [p for p in g["params"] if id(p) not in self._vectors]
+            super().step()
+        finally:
+            for g, params in zip(self.param_groups, saved):
+                g["params"] = params
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._vectors and p.grad is not None:
+                    self._vector_update(p, group)
+        return loss
+
+    def _vector_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        dim, frozen_of = self._vectors[id(p)]
+        frozen = frozen_of()
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        state = self.vector_state(p)
+        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        active = (frozen == 0).unsqueeze(-1 if dim == -2 else -2)  # broadcastable to p
+        grad = p.grad
+        step.add_(active.to(step.dtype))
+        new_p = p * (1 - lr * wd)
+        new_m = m.lerp(grad, 1 - beta1)
+        new_v = v * beta2 + (1 - beta2) * grad * grad
+        step64 = step.to(torch.float64).clamp_min(1.0)
+        bc1 = (1 - beta1 ** step64).to(p.dtype)
+        bc2_sqrt = (1 - beta2 ** step64).sqrt().to(p.dtype)
+        denom = new_v.sqrt() / bc2_sqrt + eps
+        new_p = new_p + (-(lr / bc1) * new_m) / denom
+        p.copy_(torch.where(active, new_p, p))
+        m.copy_(torch.where(active, new_m, m))
+        v.copy_(torch.where(active, new_v, v))
+
+    @torch.no_grad()
+    def reset_vectors(self, param: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> None:
+        """Zero moments and step of the vectors ``index`` ((E, k) over the vector dim, experts
+        flattened) where ``mask`` ((E, k) bool) is set."""
+        dim, _ = self._vectors[id(param)]
+        state = self.vector_state(param)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            t = state[key]
+            flat = t.reshape(-1, *t.shape[-2:])  # (E, rows, cols)
+            if dim == -1:
+                flat = flat.transpose(-1, -2)  # columns become rows
+            idx = index.unsqueeze(-1).expand(-1, -1, flat.shape[-1])
+            old = flat.gather(1, idx)
+            flat.scatter_(1, idx, torch.where(mask.unsqueeze(-1), torch.zeros_like(old), old))

@@ -1,0 +1,280 @@
+"""SwitchLoRA runtime: switches preserve the function, schedule, optimizer semantics, resume."""
+
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynlora_fx as dl
+from dynlora_fx.errors import ConfigError, StateError
+from dynlora_fx.runtime import expected_switches
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from reference_switching import ReferenceSwitcher  # noqa: E402
+
+
+class Block(nn.Module):
+    """A small LLaMA-ish block: attention-free, but linear, raw-matmul and stacked-expert weights."""
+
+    def __init__(self, d=32, experts=2):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d, bias=False)
+        self.mix = nn.Parameter(torch.randn(d, d) / math.sqrt(d))  # used as x @ mix
+        self.experts = nn.Parameter(torch.randn(experts, d, d) / math.sqrt(d))  # stacked 3-D weight
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x))) + x
+        h = self.norm(h) @ self.mix
+        per_expert = torch.einsum("bd,edf->ebf", h, self.experts)
+        return per_expert.mean(0)
+
+
+def build(seed=0, **cfg):
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(16, 32)
+    config = dl.SwitchLoRA(rank=cfg.pop("rank", 8), seed=seed, **{"interval": 10, "freeze_steps": 2, **cfg})
+    return dl.transform(model, (x,), config), x
+
+
+def run(gm, opt, x, steps, target=None):
+    g = torch.Generator().manual_seed(123)
+    target = torch.randn(x.shape[0], 32, generator=g) if target is None else target
+    for _ in range(steps):
+        loss = (gm(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return target
+
+
+def test_switches_preserve_function_and_follow_schedule():
+    gm, x = build(rank=8)
+    assert {a.form for a in dl.adapters(gm)} == {"activation", "weight"}
+    T = 150
+    opt = dl.AdamW(gm.parameters(), lr=0.0, weight_decay=0.0)
+    sw = dl.attach(gm, opt, T)
+    with torch.no_grad():
+        ref = gm(x)
+    run(gm, opt, x, T)
+    with torch.no_grad():
+        out = gm(x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    expected = 0.0
+    for t in range(T):
+        for a in dl.adapters(gm):
+            experts = math.prod(a.shape[:-2]) if a.op == "einsum" else 1
+            expected += experts * expected_switches(t, T, a.rank, 10, 0.1)
+    a_sw, b_sw = sw.num_switched()
+    assert a_sw == b_sw
+    assert abs(a_sw - expected) / expected < 0.10, (a_sw, expected)
+    # in-use candidate indices stay distinct
+    for ad in gm.iter_adapters():
+        for idx in (ad.a_index, ad.b_index):
+            flat = idx.reshape(-1, idx.shape[-1])
+            assert all(len(set(row.tolist())) == row.numel() for row in flat)
+
+
+@pytest.mark.parametrize("candidates", ["seeded", "stored"])
+def test_fast_runtime_matches_reference_loop(candidates):
+    runs = []
+    for switcher_cls in (dl.Switcher, ReferenceSwitcher):
+        gm, x = build(rank=8, candidates=candidates)
+        opt = dl.AdamW(gm.parameters(), lr=1e-2)
+        sw = switcher_cls(gm, opt, 50)
+        run(gm, opt, x, 50)
+        runs.append((gm, sw))
+    (fast, sw_fast), (ref, sw_ref) = runs
+    assert sw_fast.num_switched() == sw_ref.num_switched() and sw_fast.num_switched()[0] > 10
+    for (name, p), (_, q) in zip(fast.state_dict().items(), ref.state_dict().items()):
+        if p.is_floating_point():
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(p, q), name
+
+
+def test_resume_is_bit_identical():
+    N = 12
+    gm, x = build(rank=8)
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    sw = dl.attach(gm, opt, 2 * N)
+    target = run(gm, opt, x, 2 * N)
+    straight = copy.deepcopy(gm.state_dict())
+
+    gm1, _ = build(rank=8)
+    opt1 = dl.AdamW(gm1.parameters(), lr=1e-2)
+    sw1 = dl.attach(gm1, opt1, 2 * N)
+    run(gm1, opt1, x, N, target)
+    saved = copy.deepcopy((gm1.state_dict(), opt1.state_dict(), sw1.state_dict()))
+
+    gm2, _ = build(seed=7, rank=8)  # a fresh model with another seed: everything must come from the state
+    opt2 = dl.AdamW(gm2.parameters(), lr=1e-2)
+    sw2 = dl.attach(gm2, opt2, 2 * N)
+    gm2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sw2.load_state_dict(saved[2])
+    run(gm2, opt2, x, N, target)
+    for k, v in gm2.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+    assert sw2.step == sw.step == 2 * N
+
+
+def test_reset_vector_restarts_like_fresh_adamw_and_frozen_vectors_hold():
+    gm, x = build(rank=8, interval=40, freeze_steps=3)
+    opt = dl.AdamW(gm.parameters(), lr=1e-2, weight_decay=0.1)
+    sw = dl.attach(gm, opt, 400)
+    ad = gm.adapter("up.weight")
+    target = None
+    while not (ad.b_frozen == 3).any():  # step until an A-row switch freezes columns of B
+        target = run(gm, opt, x, 1, target)
+    cols = (ad.b_frozen == 3).nonzero().flatten()
+    st = opt.vector_state(ad.B)
+    assert torch.all(st["step"][0, cols] == 0) and torch.all(st["exp_avg"][:, cols] == 0)
+    held = ad.B.detach()[:, cols].clone()
+    for _ in range(3):  # frozen for freeze_steps optimizer steps: no update, not even weight decay
+        run(gm, opt, x, 1, target)
+        assert torch.equal(ad.B.detach()[:, cols], held)
+    assert torch.all(ad.b_frozen[cols] == 0) and torch.all(st["step"][0, cols] == 0)
+    before = ad.B.detach()[:, cols].clone()
+    (gm(x) - target).pow(2).mean().backward()
+    fresh_param = nn.Parameter(before.clone())
+    fresh_param.grad = ad.B.grad[:, cols].clone()
+    fresh = torch.optim.AdamW([fresh_param], lr=1e-2, weight_decay=0.1)
+    fresh.step()
+    opt.step()
+    opt.zero_grad()
+    assert torch.all(opt.vector_state(ad.B)["step"][0, cols] == 1)
+    torch.testing.assert_close(ad.B.detach()[:, cols], fresh_param.detach(), rtol=1e-6, atol=1e-7)
+    assert sw.step > 4
+
+
+def test_adamw_matches_torch_for_plain_and_unreset_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    ours = dl.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(ours, 2, 0.5)
+    sched_ref = torch.optim.lr_scheduler.StepLR(ref, 2, 0.5)
+    x = torch.randn(5, 8)
+    for _ in range(5):
+        for m, o, s in ((model, ours, sched), (twin, ref, sched_ref)):
+            m(x).pow(2).sum().backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            o.step()
+            o.zero_grad()
+            s.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    # a registered factor with nothing frozen or reset follows torch's AdamW to rounding
+    w = nn.Parameter(torch.randn(4, 6))
+    w_ref = nn.Parameter(w.detach().clone())
+    o1 = dl.AdamW([w], lr=1e-2, weight_decay=0.1)
+    o1.register_vectors(w, -2, lambda: torch.zeros(4, dtype=torch.int32))
+    o2 = torch.optim.AdamW([w_ref], lr=1e-2, weight_decay=0.1)
+    for i in range(6):
+        g = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        w.grad, w_ref.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_candidate_storage_modes():
+    gm_seeded, x = build(rank=8, candidates="seeded")
+    gm_stored, _ = build(rank=8, candidates="stored")
+    sw_seeded = dl.attach(gm_seeded, dl.AdamW(gm_seeded.parameters()), 10)
+    sw_stored = dl.attach(gm_stored, dl.AdamW(gm_stored.parameters()), 10)
+    assert sw_seeded and sw_stored
+    size = lambda m: sum(t.numel() for t in m.state_dict().values())  # noqa: E731
+    assert size(gm_seeded) == size(gm_stored)
+    for ad in gm_seeded.iter_adapters():
+        assert "stored_a" not in ad._buffers and "stored_b" not in ad._buffers
+    for ad in gm_stored.iter_adapters():
+        t = ad.target
+        K = min(t.rows, t.cols)
+        assert ad.stored_a.shape == (*t.batch, K, t.cols) and ad.stored_b.shape == (*t.batch, K, t.rows)
+        # stored and seeded hold the very same vectors, and A's rows are candidates
+        idx = torch.arange(K).expand(*t.batch, K)
+        torch.testing.assert_close(ad.stored_a, ad.generate_candidates(0, idx), rtol=0, atol=0)
+        flat_a, flat_i = ad.A.detach().reshape(-1, t.rank, t.cols), ad.a_index.reshape(-1, t.rank)
+        table = ad.stored_a.reshape(-1, K, t.cols)
+        for e in range(flat_a.shape[0]):
+            torch.testing.assert_close(flat_a[e], table[e][flat_i[e]], rtol=0, atol=0)
+    # the candidate distribution: uniform in ±sqrt(3)·std_A
+    ad = gm_stored.adapter("up.weight")
+    assert ad.stored_a.abs().max() <= ad.bound_a
+    assert abs(ad.stored_a.std().item() - ad.bound_a / math.sqrt(3)) / (ad.bound_a / math.sqrt(3)) < 0.05
+
+
+def test_non_finite_adapter_skips_switches_and_w_stays_finite():
+    gm, x = build(rank=8)
+    opt = dl.AdamW(gm.parameters(), lr=0.0)
+    sw = dl.attach(gm, opt, 20)
+    ad = gm.adapter("up.weight")
+    with torch.no_grad():
+        ad.A[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        run(gm, opt, x, 3)
+        sw.state_dict()
+    assert torch.isfinite(gm.model.up.weight).all()
+
+
+def test_attach_errors():
+    gm, x = build()
+    opt = dl.AdamW(gm.parameters())
+    dl.attach(gm, opt, 10)
+    with pytest.raises(StateError, match="already has a switcher"):
+        dl.attach(gm, opt, 10)
+    with pytest.raises(StateError, match="does not hold the adapters"):
+        dl.attach(gm, dl.AdamW(gm.model.parameters()), 10)
+    with pytest.raises(StateError, match="use dl.AdamW"):
+        dl.attach(gm, torch.optim.AdamW(gm.parameters()), 10)
+    with pytest.raises(StateError, match="total_steps"):
+        dl.attach(gm, dl.AdamW(gm.parameters()), 0)
+    sw = dl.attach(gm, dl.AdamW(gm.parameters()), 10)
+    with pytest.raises(StateError, match="not a switcher state"):
+        sw.load_state_dict({"step": 3})
+    bad = sw.state_dict()
+    bad["adapters"]["up.weight"]["a_index"] = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(StateError, match="misshapen"):
+        sw.load_state_dict(bad)
+    with pytest.raises(ConfigError, match="interval"):
+        dl.SwitchLoRA(interval=5, freeze_steps=5)
+
+
+def test_lora_and_relora_on_the_same_machinery():
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(16, 32)
+    gm = dl.transform(model, (x,), dl.LoRA(rank=4))
+    w0 = gm.model.up.weight.detach().clone()
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    dl.attach(gm, opt, 10)
+    run(gm, opt, x, 5)
+    assert torch.equal(gm.model.up.weight, w0)  # LoRA never touches W
+
+    gm = dl.transform(model, (x,), dl.ReLoRA(rank=4, reset_every=4, warmup=2))
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    sw = dl.attach(gm, opt, 12)
+    target = run(gm, opt, x, 3)
+    with torch.no_grad():
+        before = gm(x)
+    run(gm, opt, x, 1, target)  # 4th step: the update, then merge + re-init + prune
+    ad = gm.adapter("up.weight")
+    assert torch.count_nonzero(ad.B) == 0 and torch.count_nonzero(opt.state[ad.A]["exp_avg"]) <= 1
+    assert not torch.equal(gm.model.up.weight, w0)
+    seen = []
+    for _ in range(3):
+        opt.param_groups[0]["lr"] = 1e-2
+        pre = [g["lr"] for g in opt.param_groups]
+        run(gm, opt, x, 1, target)
+        seen.append(pre[0])
+    assert sw.step == 7 and before.shape == (16, 32)
+    assert opt.param_groups[0]["lr"] == 1e-2  # the multiplier is applied around the step only
