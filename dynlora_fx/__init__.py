@@ -5,11 +5,13 @@
 """
 
 from .api import merge, transform
+from .compile import compile
 from .config import LoRA, ReLoRA, SwitchLoRA, config_from_json
 from .errors import DynLoRAError
 from .module import AdapterInfo, DynLoRAModule, adapters
+from .export import export_onnx
 from .runtime import AdamW, Switcher, attach
 
-__all__ = ["transform", "merge", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
+__all__ = ["transform", "merge", "compile", "export_onnx", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
            "config_from_json", "DynLoRAError", "AdamW", "attach", "Switcher"]
 __version__ = "0.1.0"
