@@ -258,9 +258,11 @@ def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "m
         others = [u for u in uses if u.kind == "other"]
         if others:
             o = others[0]
-            tied = " (tied to an embedding)" if "embedding" in o.op else ""
-            what = "a matrix product" if len(others) < len(uses) else "no matrix product"
-            skip(f"feeds {what} but also {o.op} at node {o.consumer.name}{tied}; it stays full-rank")
+            if len(others) == len(uses):
+                skip(f"used by {o.op} (node {o.consumer.name}), not by a matrix product; it trains full-rank")
+            else:
+                tied = " (tied to an embedding)" if "embedding" in o.op else ""
+                skip(f"feeds a matrix product but also {o.op} (node {o.consumer.name}){tied}; it stays full-rank")
             continue
         conv_like = all(u.op in _CONV or u.op.startswith("conv") for u in uses)
         batch, rows, cols = _matrix_view(tuple(p.shape), conv_like)

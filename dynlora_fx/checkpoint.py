@@ -1,0 +1,82 @@
+"""State files: atomic training checkpoints and the ``--out`` bundle.
+
+A checkpoint is one file written to a temporary name and renamed into place, so an
+interrupted run always leaves the previous checkpoint whole. Weights for others to
+load go out as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import StateError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "write_bundle", "ensure_writable_dir"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StateError(f"{what} {p}", f"cannot write there ({exc.strerror or exc})",
+                         "pass a folder you can write to") from None
+    return p
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    path = Path(out_dir) / CHECKPOINT
+    _atomic_torch_save(state, path)
+    return path
+
+
+def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        raise StateError(f"--resume {out_dir}", f"no {CHECKPOINT} there",
+                         "resume from the --out folder of an earlier --train run, or drop --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise StateError(str(path), f"the checkpoint cannot be read ({type(exc).__name__}: {exc})",
+                         "delete it and train again") from None
+
+
+def write_bundle(out_dir: str | os.PathLike, gm: nn.Module, meta: dict[str, Any]) -> list[str]:
+    """The transformed module's generated code, weights (safetensors) and config JSON."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    written = []
+    seen: dict[int, str] = {}
+    for mode in ("train", "eval"):
+        g = gm.graph_module(mode)
+        if id(g) in seen:
+            continue
+        seen[id(g)] = mode
+        (out / f"graph_{mode}.py").write_text(g.code)
+        written.append(str(out / f"graph_{mode}.py"))
+    tmp = out / "weights.safetensors.tmp"
+    save_model(gm, str(tmp))
+    os.replace(tmp, out / "weights.safetensors")
+    written.append(str(out / "weights.safetensors"))
+    (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    written.append(str(out / "config.json"))
+    return written

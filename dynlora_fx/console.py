@@ -1,0 +1,71 @@
+"""Terminal output: rich tables for the plan, parameter counts and results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["plan_tables", "summary_table", "human_bytes"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def plan_tables(report: dict[str, Any]) -> list[Table]:
+    adapted = Table(title=f"Adapted weights ({len(report['adapters'])})", title_justify="left")
+    for col in ("weight", "op", "shape", "rank", "form"):
+        adapted.add_column(col, justify="right" if col == "rank" else "left")
+    for a in report["adapters"]:
+        adapted.add_row(a["weight"], a["op"], "x".join(map(str, a["shape"])), str(a["rank"]), a["form"])
+    tables = [adapted]
+    if report["skipped"]:
+        skipped = Table(title=f"Skipped weights ({len(report['skipped'])})", title_justify="left")
+        skipped.add_column("weight")
+        skipped.add_column("reason")
+        for s in report["skipped"]:
+            skipped.add_row(s["weight"], s["reason"])
+        tables.append(skipped)
+    return tables
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    t = Table(title="Summary", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    p, m = report["params"], report["memory"]
+    t.add_row("capture", report["capture"])
+    t.add_row("parameters (total)", f"{p['total']:,}")
+    t.add_row("trainable / frozen", f"{p['trainable']:,} / {p['frozen']:,}")
+    t.add_row("training state (params+grads+AdamW)",
+              f"{human_bytes(m['adapted_bytes'])} vs {human_bytes(m['full_rank_bytes'])} full-rank "
+              f"({m['ratio']:.2f}x)")
+    eq = report.get("equivalence")
+    if eq:
+        t.add_row("equivalence (eval, max rel. error)", f"{eq['max_rel_error']:.2e} {'ok' if eq['ok'] else 'FAILED'}")
+    tr = report.get("training")
+    if tr:
+        t.add_row("steps", str(tr["steps"]))
+        t.add_row("final train loss", f"{tr['final_loss']:.4f}")
+        if tr.get("val_loss") is not None:
+            t.add_row("validation loss", f"{tr['val_loss']:.4f}")
+        if tr.get("baseline_val_loss") is not None:
+            t.add_row("validation loss, full-rank baseline", f"{tr['baseline_val_loss']:.4f} "
+                      f"(ratio {tr['val_loss'] / tr['baseline_val_loss']:.3f})")
+        t.add_row("tokens/s", f"{tr['tokens_per_s']:,.0f}")
+    if report.get("onnx"):
+        o = report["onnx"]
+        err = "n/a" if o["max_rel_error"] is None else f"{o['max_rel_error']:.2e}"
+        t.add_row("ONNX", f"{o['path']} (dynamic batch: {o['dynamic_batch']}, rel. error {err})")
+    return t
+
+
+def make_console(file: Any, stderr: bool = False) -> Console:
+    return Console(file=file, stderr=stderr, width=None if getattr(file, "isatty", lambda: False)() else 120,
+                   highlight=False)

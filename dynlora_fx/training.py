@@ -1,0 +1,162 @@
+"""A small, explicit training loop shared by the CLI, the main job and the benchmarks.
+
+Cosine learning rate with linear warm-up, gradient clipping, and the method's runtime
+attached through ``dl.attach`` — the two lines a user adds to their own loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterConfig, SwitchLoRA
+from .runtime import AdamW, attach
+
+__all__ = ["TrainSettings", "cosine_multiplier", "make_optimizer", "Trainer", "default_model_inputs"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int  # optimizer steps
+    lr: float = 3e-3  # peak learning rate of the matrices (adapters, or W for full-rank)
+    lr_other: float | None = None  # peak LR of everything trained full-rank in every method (embeddings, norms, head); None = lr
+    warmup: int = 20  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables
+
+
+def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _is_matrix(name: str, p: torch.Tensor, adapted: bool) -> bool:
+    if adapted:
+        return name.split(".")[0] == "adapters" or ".adapters." in name
+    return p.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name
+
+
+def make_optimizer(module: nn.Module, config: AdapterConfig | None, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW with two groups: the matrices the method is about (adapters, or every non-embedding
+    matrix for full-rank) at ``lr``, everything else trained at ``lr_other``."""
+    adapted = config is not None
+    matrices, others = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (matrices if _is_matrix(name, p, adapted) else others).append(p)
+    groups = [{"params": matrices, "lr": settings.lr},
+              {"params": others, "lr": settings.lr if settings.lr_other is None else settings.lr_other}]
+    groups = [g for g in groups if g["params"]]
+    cls = AdamW if isinstance(config, SwitchLoRA) else torch.optim.AdamW
+    return cls(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+
+
+def default_model_inputs(batch: Any) -> tuple:
+    """Model inputs of a batch: its first element for a (inputs, targets) tuple, else the batch.
+    A user's ``model_inputs`` may return a tuple (positional) or a dict (keyword inputs)."""
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],)
+    return (batch,)
+
+
+@dataclass
+class Trainer:
+    """Owns optimizer, LR schedule and (for adapter methods) the switcher of one run."""
+
+    module: nn.Module  # what is called in the loop (possibly compiled)
+    config: AdapterConfig | None  # None: full-rank baseline
+    settings: TrainSettings
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    model_inputs: Callable[[Any], tuple | dict] = default_model_inputs
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.optimizer = make_optimizer(self.module, self.config, s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: cosine_multiplier(t, s.steps, s.warmup, s.min_lr_ratio))
+        self.switcher = attach(self.module, self.optimizer, s.steps) if self.config is not None else None
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def train_step(self, batch: Any) -> float:
+        t0 = time.perf_counter()
+        self.module.train()
+        inputs = self.model_inputs(batch)
+        out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
+        loss = self.loss_fn(out, batch)
+        loss.backward()
+        if self.settings.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        value = loss.item()
+        self.losses.append(value)
+        self.seconds += time.perf_counter() - t0
+        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+        self.tokens += first.numel() if isinstance(first, torch.Tensor) else 1
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Any]) -> float:
+        self.module.eval()
+        total, n = 0.0, 0
+        for batch in batches:
+            inputs = self.model_inputs(batch)
+            out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
+            total += self.loss_fn(out, batch).item()
+            n += 1
+        self.module.train()
+        return total / max(1, n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "switcher": self.switcher.state_dict() if self.switcher is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.losses = state["step"], list(state["losses"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.switcher is not None:
+            self.switcher.load_state_dict(state["switcher"])
+
+
+def skip(batches: Iterator[Any], n: int) -> Iterator[Any]:
+    """Advance a batch iterator by ``n`` (resume lands on the batch it would have seen)."""
+    for _ in range(n):
+        next(batches)
+    return batches
+
+
+def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
+    """Bytes of parameters + gradients + AdamW moments (+ stored candidates) for training ``module``
+    as it stands: frozen parameters cost their storage only."""
+    total = 0
+    seen: set[int] = set()
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        total += nbytes * (2 + optimizer_slots) if p.requires_grad else nbytes
+    for name, b in module.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("stored_a", "stored_b"):
+            total += b.numel() * b.element_size()
+    return total
+
+
+def full_rank_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
+    """The same for training every parameter of ``model`` full-rank."""
+    return sum(p.numel() * p.element_size() * (2 + optimizer_slots) for p in {id(q): q for q in model.parameters()}.values())
