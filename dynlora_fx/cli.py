@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     _write_json(args.json, report)
     if not report["equivalence"]["ok"]:
         print(f"dynlora-transform: error: {path}: the transformed model differs from the original "
-              f"(max rel. error {error:.2e}). Remedy: report this model; rerun with --debug", file=sys.stderr)
+              f"(max rel. error {error:.2e}). Remedy: report this model; rerun with --debug", file=err.file)
         return 1
     return code
 
@@ -282,7 +282,7 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
             runs["baseline"].load_state_dict(state["baseline"])
         start = state["adapted"]["step"]
         err.print(f"[dim]resuming from step {start}[/]")
-    streams = {name: skip(iter(_call(user, "batches", path)), start) for name in runs}
+    streams = {name: skip(iter(_call(user, "batches", path)), trainer.step) for name, trainer in runs.items()}
 
     def checkpoint() -> None:
         if not args.out:
@@ -309,7 +309,7 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
             checkpoint()
     except KeyboardInterrupt:
         where = f"; the last checkpoint in {args.out} is intact: rerun with --resume" if args.out else ""
-        print(f"dynlora-transform: interrupted at step {runs['adapted'].step}{where}", file=sys.stderr)
+        print(f"dynlora-transform: interrupted at step {runs['adapted'].step}{where}", file=err.file)
         return 130
     adapted = runs["adapted"]
     training = {"steps": adapted.step, "final_loss": adapted.losses[-1] if adapted.losses else float("nan"),
