@@ -37,8 +37,12 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C mid-write included: the previous file stays whole
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -278,3 +278,42 @@ def test_lora_and_relora_on_the_same_machinery():
         seen.append(pre[0])
     assert sw.step == 7 and before.shape == (16, 32)
     assert opt.param_groups[0]["lr"] == 1e-2  # the multiplier is applied around the step only
+
+
+def test_hooks_run_once_per_step_even_after_a_stock_adamw_exists():
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # makes torch wrap AdamW.step with its hook runner
+    gm, x = build()
+    opt = dl.AdamW(gm.parameters(), lr=1e-3)
+    sw = dl.attach(gm, opt, 10)
+    run(gm, opt, x, 3)
+    assert sw.step == 3
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, 24), n=st.integers(2, 24), rank_frac=st.floats(0.05, 1.0),
+       form=st.sampled_from(["activation", "weight"]), candidates=st.sampled_from(["seeded", "stored"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_switching_never_changes_the_function(m, n, rank_frac, form, candidates, seed):
+    torch.manual_seed(seed % 1000)
+    model = nn.Linear(n, m)
+    x = torch.randn(5, n)
+    gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=rank_frac, form=form, candidates=candidates, seed=seed,
+                                                 interval=2, freeze_steps=1))
+    opt = dl.AdamW(gm.parameters(), lr=0.0)
+    sw = dl.attach(gm, opt, 8)
+    with torch.no_grad():
+        ref = gm(x)
+    for _ in range(8):
+        gm(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+    ad = gm.iter_adapters()[0]
+    for idx in (ad.a_index, ad.b_index):  # in-use candidates stay distinct and in range
+        assert len(set(idx.tolist())) == idx.numel() and 0 <= int(idx.min()) and int(idx.max()) < min(m, n)
+    assert sw.step == 8

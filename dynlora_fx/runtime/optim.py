@@ -18,6 +18,15 @@ from ..errors import ConfigError
 __all__ = ["AdamW"]
 
 
+def _stock_step(opt: torch.optim.AdamW) -> None:
+    """torch's AdamW.step without its hook wrapper: torch wraps a class's ``step`` to run the
+    step hooks once a first instance exists, and ours must not run twice per step."""
+    step = torch.optim.AdamW.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    step(opt)
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in ``torch.optim.AdamW``; the switcher registers adapter factors with
     :meth:`register_vectors` when it is attached."""
@@ -68,13 +77,13 @@ class AdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         if not self._vectors:
-            super().step()
+            _stock_step(self)
             return loss
         saved = [g["params"] for g in self.param_groups]
         try:  # stock AdamW for everything that is not an adapter factor
             for g in self.param_groups:
                 g["params"] = [p for p in g["params"] if id(p) not in self._vectors]
-            super().step()
+            _stock_step(self)
         finally:
             for g, params in zip(self.param_groups, saved):
                 g["params"] = params

@@ -1,0 +1,207 @@
+"""Helpers shared by the benchmark scripts: machine info, memory probes, statistics, output.
+
+Nothing here times anything by itself; the scripts decide what to measure. All memory
+figures are host RSS (Linux ``/proc/self/statm``), which is process-wide: a delta taken
+while one variant is built says what *that* variant added, not what it would need alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+__all__ = ["machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "median", "quantile",
+           "human_bytes", "write_json", "markdown_table", "settle", "log"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def log(msg: str) -> None:
+    """One line of progress on stderr (results go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device is not None and device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (falls back to the peak off Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return max_rss()
+
+
+def max_rss() -> int:
+    """Peak RSS of this process so far (``ru_maxrss``), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+_libc = None
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that
+    RSS deltas taken afterwards are not hidden by memory an earlier variant freed."""
+    global _libc
+    gc.collect()
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc:
+        try:
+            _libc.malloc_trim(0)
+        except AttributeError:
+            pass
+
+
+class RssSampler:
+    """Context manager: samples RSS from a background thread and keeps the maximum.
+
+    Torch kernels release the GIL, so a 1-2 ms period catches activation peaks of steps
+    that take tens of milliseconds or more; shorter peaks may be missed.
+    """
+
+    def __init__(self, period_s: float = 0.002):
+        self.period_s = period_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = current_rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+
+def settle(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def quantile(xs: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated quantile (q in [0, 1])."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return f"{sign}{n:.1f} GiB"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(x, (torch.dtype, torch.device, Path)):
+        return str(x)
+    return x
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON (creating the folder); NaN/Inf become null."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    tmp.replace(p)
+    return p
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table; ``align`` holds "l" or "r" per column."""
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    esc = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Stopwatch:
+    """``with Stopwatch(device) as sw: ...``; ``sw.s`` is the elapsed wall time in seconds."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.s = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        settle(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        settle(self.device)
+        self.s = time.perf_counter() - self._t0

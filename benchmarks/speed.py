@@ -1,0 +1,707 @@
+"""Training-step speed and memory: SwitchLoRA against full-rank, LoRA and the reference loop.
+
+All variants of a setting live in one process and are timed interleaved — round-robin over
+the variants (rotating the starting variant each round), several rounds — and every number
+reported is a median over the timed steps, so load on a shared machine hits all variants
+alike. Variants never share state: each gets a freshly built model (same init seed), its
+own optimizer and switcher, and is warmed up before timing.
+
+Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
+
+- ``full-rank``             torch.optim.AdamW on the plain model (torch.compile when compiled)
+- ``lora``                  dl.LoRA, torch.optim.AdamW
+- ``switchlora-seeded``     dl.SwitchLoRA(candidates="seeded"), dl.AdamW + dl.attach
+- ``switchlora-stored``     dl.SwitchLoRA(candidates="stored"), dl.AdamW + dl.attach
+- ``switchlora-reference``  dl.SwitchLoRA(candidates="stored") switched by the per-vector
+                            Python loop of ``reference_switching.ReferenceSwitcher``
+
+Switching is measured at its *peak* rate: every run gets ``total_steps = 10**6`` so that
+rate(t) stays ~1 during the measured steps (r / interval vectors per side per adapter per
+step). For the run average, the switcher's hooks are also timed at a grid of positions
+``x = t / T`` through a run and integrated over ``x`` (``switch ms/step, run avg``), and the
+analytic ratio mean_t(r / interval(t)) / peak is reported.
+
+A second part sweeps the adapter form — ``SwitchLoRA(form="activation")`` (a branch costing
+about 3·T·r·(m+n) multiply-adds per step for T tokens) against ``form="weight"`` (the
+product s·B·A, r·m·n, plus a full-size weight gradient, T·m·n, and the factor gradients,
+2·r·m·n) — over tokens/step and rank, eager, and reports where the measured ratio crosses 1
+next to the crossover the multiply-add counts predict.
+
+Usage::
+
+    python benchmarks/speed.py                      # 4 layers, dim 256, rank 64; 8x128 and 32x128
+    python benchmarks/speed.py --quick              # seconds-long smoke test (tiny model, eager)
+    python benchmarks/speed.py --no-compile --threads 1 --markdown
+    python benchmarks/speed.py --settings 8x128,8x512 --variants full-rank,switchlora-seeded
+
+Writes JSON (``--out``, default ``benchmarks/results/speed.json``) and prints tables to
+stdout (``--markdown``: GitHub markdown for the README); progress goes to stderr.
+Memory: ``state`` is ``training_state_bytes`` (parameters + gradients + AdamW moments of
+what trains, storage of what is frozen, stored candidates) — ``full_rank_state_bytes`` for
+full-rank. ``RSS Δ`` is what the process's RSS grew by while the variant was built and
+warmed up (after a heap trim), ``RSS peak Δ`` the highest RSS seen meanwhile minus the RSS
+before: both are process-wide (earlier variants stay resident, compiled variants include
+compiler memory), so read them as rough per-variant costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch._functorch.config  # noqa: E402
+import torch._inductor.config  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dynlora_fx as dl  # noqa: E402
+from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
+from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
+
+from _common import (RssSampler, current_rss, human_bytes, log, machine_info, markdown_table, max_rss,  # noqa: E402
+                     median, quantile, settle, trim_heap, write_json)
+from reference_switching import ReferenceSwitcher  # noqa: E402
+from tiny_llama import LlamaConfig, build_model  # noqa: E402
+
+METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-stored", "switchlora-reference")
+# positions x = t / T at which the switcher's hooks are timed for the run average
+RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+# ---------------------------------------------------------------------------------------------
+def method_config(method: str, rank: int, form: str = "auto") -> dl.SwitchLoRA | dl.LoRA | None:
+    if method == "full-rank":
+        return None
+    if method == "lora":
+        return dl.LoRA(rank=rank, form=form)
+    candidates = "seeded" if method == "switchlora-seeded" else "stored"
+    return dl.SwitchLoRA(rank=rank, candidates=candidates, form=form)
+
+
+@dataclass
+class Variant:
+    method: str
+    mode: str  # "eager" | "compiled"
+    label: str
+    module: nn.Module  # what the loop calls (possibly compiled)
+    inner: nn.Module  # the plain model or the transformed module (uncompiled)
+    optimizer: torch.optim.Optimizer
+    switcher: Any  # dl.Switcher, ReferenceSwitcher or None
+    config: Any
+    hook_s: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0})
+    steps: list[dict[str, float]] = field(default_factory=list)  # timed steps
+    info: dict[str, Any] = field(default_factory=dict)
+    batch_i: int = 0
+    recompiles: int = 0
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compiled"
+
+
+def _time_hooks(v: Variant, device: torch.device) -> None:
+    """Wrap the switcher's optimizer-step hooks in place so their wall time accumulates in
+    ``v.hook_s`` (``Switcher._hooks`` are the handles of ``register_step_{pre,post}_hook``)."""
+    for handle, key in zip(v.switcher._hooks, ("pre", "post")):
+        hooks = handle.hooks_dict_ref()
+        fn = hooks[handle.id]
+
+        def timed(*args: Any, _fn: Callable = fn, _key: str = key, **kwargs: Any) -> Any:
+            settle(device)
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                settle(device)
+                v.hook_s[_key] += time.perf_counter() - t0
+
+        hooks[handle.id] = timed
+
+
+def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tensor, args: argparse.Namespace,
+                  device: torch.device, rank: int | None = None, form: str = "auto", label: str | None = None) -> Variant:
+    rank = args.rank if rank is None else rank
+    model = build_model(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
+    config = method_config(method, rank, form)
+    inner = model if config is None else dl.transform(model, (example,), config)
+    del model
+    optimizer = make_optimizer(inner, config, TrainSettings(steps=args.total_steps, lr=args.lr))
+    switcher = None
+    if isinstance(config, dl.SwitchLoRA):
+        if method == "switchlora-reference":
+            switcher = ReferenceSwitcher(inner, optimizer, args.total_steps)
+        else:
+            switcher = dl.attach(inner, optimizer, total_steps=args.total_steps)
+    if mode == "compiled":
+        module = (torch.compile(inner, fullgraph=True, dynamic=False) if config is None
+                  else dl.compile(inner, dynamic=False))
+    else:
+        module = inner
+    v = Variant(method, mode, label or f"{method}/{mode}", module, inner, optimizer, switcher, config)
+    if switcher is not None:
+        _time_hooks(v, device)
+    # memory the method needs in principle (parameters, gradients, AdamW moments, candidates)
+    if config is None:
+        v.info["state_bytes"] = full_rank_state_bytes(inner)
+    else:
+        v.info["state_bytes"] = training_state_bytes(inner)
+        v.info["adapters"] = len(dl.adapters(inner))
+        v.info["trainable_params"] = sum(p.numel() for p in inner.parameters() if p.requires_grad)
+    if isinstance(switcher, ReferenceSwitcher):  # its own copy of every candidate table
+        v.info["reference_tables_bytes"] = sum(t.numel() * t.element_size()
+                                               for pair in switcher.tables.values() for t in pair)
+    return v
+
+
+def _dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # pragma: no cover - private counter moved
+        return -1
+
+
+def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """One forward + backward + optimizer step (with the switcher's hooks); phase times in s."""
+    x, y = batches[v.batch_i % len(batches)]
+    v.batch_i += 1
+    pre0, post0 = v.hook_s["pre"], v.hook_s["post"]
+    graphs0 = _dynamo_graphs() if v.compiled else 0
+    settle(device)
+    t0 = time.perf_counter()
+    out = v.module(x)
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+    settle(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    settle(device)
+    t2 = time.perf_counter()
+    v.optimizer.step()
+    settle(device)
+    t3 = time.perf_counter()
+    v.optimizer.zero_grad(set_to_none=True)
+    settle(device)
+    t4 = time.perf_counter()
+    if v.compiled:
+        v.recompiles += max(0, _dynamo_graphs() - graphs0)
+    v.info["last_loss"] = float(loss.detach())
+    return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "zero": t4 - t3, "total": t4 - t0,
+            "pre": v.hook_s["pre"] - pre0, "post": v.hook_s["post"] - post0}
+
+
+def make_batches(batch: int, seq: int, n: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (batch, seq + 1), generator=g)
+        out.append((ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)))
+    return out
+
+
+def build_and_warm(specs: list[tuple], cfg: LlamaConfig, batches: list, args: argparse.Namespace,
+                   device: torch.device) -> list[Variant]:
+    """Build each variant in turn, measuring what it adds to RSS, and warm it up."""
+    variants = []
+    for spec in specs:
+        method, mode, *rest = spec
+        kwargs = rest[0] if rest else {}
+        trim_heap()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            cuda0 = torch.cuda.memory_allocated(device)
+        rss0 = current_rss()
+        warm = args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0)
+        with RssSampler() as sampler:
+            t0 = time.perf_counter()
+            v = build_variant(method, mode, cfg, batches[0][0], args, device, **kwargs)
+            build_s = time.perf_counter() - t0
+            first = train_step(v, batches, device)["total"]
+            for _ in range(warm - 1):
+                train_step(v, batches, device)
+        trim_heap()
+        v.info.update(build_s=build_s, first_step_s=first, warmup_steps=warm, rss_before=rss0,
+                      rss_delta=current_rss() - rss0, rss_peak_delta=sampler.peak - rss0)
+        if device.type == "cuda":
+            v.info.update(cuda_state_delta=torch.cuda.memory_allocated(device) - cuda0,
+                          cuda_peak_delta=torch.cuda.max_memory_allocated(device) - cuda0)
+        v.recompiles = 0  # count only those during the timed steps
+        log(f"  built {v.label:<34} build {build_s:6.2f} s, first step {first:7.2f} s, "
+            f"RSS +{human_bytes(v.info['rss_delta'])}")
+        variants.append(v)
+    return variants
+
+
+def timed_rounds(variants: list[Variant], batches: list, rounds: int, per_round: int, device: torch.device) -> None:
+    for v in variants:
+        if v.switcher is not None:
+            v.info["switched_before"] = v.switcher.num_switched()
+            v.info["switch_step_first"] = v.switcher.step
+    for r in range(rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate who goes first
+            for _ in range(per_round):
+                v.steps.append(train_step(v, batches, device))
+        log(f"  round {r + 1}/{rounds} done")
+    for v in variants:
+        if v.switcher is not None:
+            a0, b0 = v.info.pop("switched_before")
+            a1, b1 = v.switcher.num_switched()
+            n, ads = len(v.steps), max(1, v.info.get("adapters", 1))
+            v.info["switched_per_adapter_step"] = ((a1 - a0) + (b1 - b0)) / 2 / n / ads
+            t_first, t_last = v.info.pop("switch_step_first"), v.switcher.step
+            cfg = v.config
+            r = v.switcher.adapters[0].target.rank
+            v.info["expected_per_adapter_step"] = {
+                "first": expected_switches(t_first, v.switcher.total_steps, r, cfg.interval, cfg.decay_ratio),
+                "last": expected_switches(t_last, v.switcher.total_steps, r, cfg.interval, cfg.decay_ratio)}
+
+
+@torch.no_grad()
+def run_average_switch(v: Variant, calls: int, device: torch.device) -> dict[str, Any]:
+    """Time the post-step hook (the switching) at positions x = t/T through a run and integrate
+    over x; the pre-step hook (masking frozen gradients) costs the same at every rate."""
+    sw, opt = v.switcher, v.optimizer
+    saved = sw.step
+    per_x = []
+    for x in RUN_GRID:
+        ts = []
+        for _ in range(calls):
+            sw.step = min(sw.total_steps - 1, int(round(x * sw.total_steps)))
+            settle(device)
+            t0 = time.perf_counter()
+            sw._post_step(opt, (), {})
+            settle(device)
+            ts.append(time.perf_counter() - t0)
+        per_x.append(sum(ts) / len(ts))
+    sw.step = saved
+    area = sum((RUN_GRID[i + 1] - RUN_GRID[i]) * (per_x[i] + per_x[i + 1]) / 2 for i in range(len(RUN_GRID) - 1))
+    pre = median([s["pre"] for s in v.steps]) or 0.0
+    return {"grid": list(RUN_GRID), "post_ms": [t * 1e3 for t in per_x], "post_ms_run_avg": area * 1e3,
+            "switch_ms_run_avg": (pre + area) * 1e3}
+
+
+def summarize(v: Variant, tokens: int) -> dict[str, Any]:
+    col = lambda k: [s[k] * 1e3 for s in v.steps]  # noqa: E731
+    step, sw = col("total"), [s["pre"] + s["post"] for s in v.steps]
+    sw_ms = [t * 1e3 for t in sw]
+    step_ms = median(step)
+    rec: dict[str, Any] = {
+        "method": v.method, "mode": v.mode, "timed_steps": len(v.steps),
+        "step_ms": step_ms, "step_ms_p25": quantile(step, 0.25), "step_ms_p75": quantile(step, 0.75),
+        "step_ms_min": min(step),
+        "fwd_ms": median(col("fwd")), "bwd_ms": median(col("bwd")), "opt_ms": median(col("opt")),
+        "zero_grad_ms": median(col("zero")),
+        "switch_ms": median(sw_ms) if v.switcher is not None else 0.0,
+        "switch_pre_ms": median(col("pre")) if v.switcher is not None else 0.0,
+        "switch_post_ms": median(col("post")) if v.switcher is not None else 0.0,
+        "tokens_per_s": tokens / (step_ms / 1e3),
+        "step_ms_all": step,
+    }
+    # median of per-step shares, not a ratio of medians
+    rec["switch_share"] = median([a / b for a, b in zip(sw_ms, step)]) if v.switcher is not None else 0.0
+    rec["opt_excl_switch_ms"] = median([s["opt"] * 1e3 - (s["pre"] + s["post"]) * 1e3 for s in v.steps])
+    info = dict(v.info)
+    if v.compiled:
+        info["compile_s"] = max(0.0, info["first_step_s"] - step_ms / 1e3)
+        info["recompiles_during_timing"] = v.recompiles
+    rec.update(info)
+    return rec
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    by = {(r["method"], r["mode"]): r for r in records}
+    for r in records:
+        full = by.get(("full-rank", r["mode"]))
+        full_eager = by.get(("full-rank", "eager"))
+        if full:
+            r["step_vs_full"] = r["step_ms"] / full["step_ms"]
+        if full_eager:
+            r["state_vs_full"] = r["state_bytes"] / full_eager["state_bytes"]
+        lora = by.get(("lora", r["mode"]))
+        if lora:
+            r["step_vs_lora"] = r["step_ms"] / lora["step_ms"]
+        eager = by.get((r["method"], "eager"))
+        if r["mode"] == "compiled" and eager:
+            r["compiled_vs_eager"] = r["step_ms"] / eager["step_ms"]
+        if "switch_ms_run_avg" in r:
+            r["step_ms_run_avg"] = r["step_ms"] - r["switch_ms"] + r["switch_ms_run_avg"]
+            r["switch_share_run_avg"] = r["switch_ms_run_avg"] / r["step_ms_run_avg"]
+            if full:
+                r["step_vs_full_run_avg"] = r["step_ms_run_avg"] / full["step_ms"]
+
+
+# ---------------------------------------------------------------------------------------------
+# parts
+# ---------------------------------------------------------------------------------------------
+def model_config(args: argparse.Namespace, seq: int) -> LlamaConfig:
+    return LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, max_seq_len=max(seq, 16))
+
+
+def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    tokens = batch * seq
+    log(f"setting {batch}x{seq} ({tokens} tokens/step)")
+    if args.compile:
+        torch._dynamo.reset()  # a fresh cache per setting: no shape-driven recompiles across settings
+    cfg = model_config(args, seq)
+    batches = make_batches(batch, seq, args.data_batches, args.seed, device)
+    modes = ("eager", "compiled") if args.compile else ("eager",)
+    specs = [(m, mode) for mode in modes for m in args.variants]
+    variants = build_and_warm(specs, cfg, batches, args, device)
+    timed_rounds(variants, batches, args.rounds, args.steps_per_round, device)
+    run_avg = {}
+    for v in variants:
+        if v.switcher is not None:
+            run_avg[v.label] = run_average_switch(v, args.run_avg_calls, device)
+    records = []
+    for v in variants:
+        rec = summarize(v, tokens)
+        if v.label in run_avg:
+            rec["run_average_profile"] = run_avg[v.label]
+            rec["switch_ms_run_avg"] = run_avg[v.label]["switch_ms_run_avg"]
+        records.append(rec)
+    add_ratios(records)
+    out = {"name": f"{batch}x{seq}", "batch": batch, "seq": seq, "tokens_per_step": tokens,
+           "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden,
+                     "max_seq_len": cfg.max_seq_len, "vocab": cfg.vocab,
+                     "params": sum(p.numel() for p in build_model(cfg).parameters())},
+           "variants": records, "max_rss_after": max_rss()}
+    del variants
+    trim_heap()
+    return out
+
+
+def _crossover(tokens: list[int], ratios: list[float]) -> float | None:
+    """Tokens/step where ratio (weight/activation) crosses 1, interpolated in log-log; None if it doesn't."""
+    for (t0, r0), (t1, r1) in zip(zip(tokens, ratios), zip(tokens[1:], ratios[1:])):
+        if (r0 - 1) * (r1 - 1) <= 0 and r0 != r1:
+            l0, l1 = math.log(r0), math.log(r1)
+            f = l0 / (l0 - l1)
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    return None
+
+
+def predicted_macs(shapes: list[tuple[int, int]], rank: int, tokens: int) -> dict[str, float]:
+    """Extra multiply-adds per step over the frozen base op, summed over adapters (fwd + bwd)."""
+    act = sum(3 * tokens * rank * (m + n) for m, n in shapes)
+    weight = sum(tokens * m * n + 3 * rank * m * n for m, n in shapes)
+    return {"activation": act, "weight": weight}
+
+
+def predicted_crossover(shapes: list[tuple[int, int]], rank: int) -> float | None:
+    """T where 3·T·r·(m+n) = T·m·n + 3·r·m·n summed over adapters; None: activation cheaper at every T."""
+    num = sum(3 * rank * m * n for m, n in shapes)
+    den = sum(3 * rank * (m + n) - m * n for m, n in shapes)
+    return num / den if den > 0 else None
+
+
+def run_form_sweep(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    seq = args.form_seq
+    cfg = model_config(args, seq)
+    rows = []
+    log(f"adapter form sweep: tokens/step {args.form_tokens}, ranks {args.form_ranks} (seq {seq}, eager)")
+    shapes: dict[int, list[tuple[int, int]]] = {}
+    for tokens in args.form_tokens:
+        batch = max(1, tokens // seq)
+        batches = make_batches(batch, seq, args.data_batches, args.seed + 1, device)
+        specs = [("switchlora-seeded", "eager", {"rank": r, "form": f, "label": f"r{r}/{f}/{batch * seq}"})
+                 for r in args.form_ranks for f in ("activation", "weight")]
+        sweep_args = argparse.Namespace(**{**vars(args), "warmup": args.form_warmup})
+        variants = build_and_warm(specs, cfg, batches, sweep_args, device)
+        for v in variants:
+            forms = {a.form for a in dl.adapters(v.inner)}
+            v.info["forms"] = sorted(forms)
+            r = v.config.rank
+            if r not in shapes:
+                shapes[r] = [(a.shape[0], math.prod(a.shape[1:])) for a in dl.adapters(v.inner)]
+        timed_rounds(variants, batches, args.form_rounds, 1, device)
+        by = {(v.config.rank, v.config.form): v for v in variants}
+        for r in args.form_ranks:
+            act, wt = summarize(by[(r, "activation")], batch * seq), summarize(by[(r, "weight")], batch * seq)
+            fb = lambda s: s["fwd_ms"] + s["bwd_ms"]  # noqa: E731
+            macs = predicted_macs(shapes[r], r, batch * seq)
+            rows.append({"tokens_per_step": batch * seq, "batch": batch, "seq": seq, "rank": r,
+                         "activation_step_ms": act["step_ms"], "weight_step_ms": wt["step_ms"],
+                         "activation_fwd_bwd_ms": fb(act), "weight_fwd_bwd_ms": fb(wt),
+                         "ratio_weight_vs_activation": wt["step_ms"] / act["step_ms"],
+                         "ratio_fwd_bwd": fb(wt) / fb(act),
+                         "predicted_extra_macs": macs,
+                         "predicted_ratio_extra": macs["weight"] / macs["activation"],
+                         "forms_seen": {"activation": act["forms"], "weight": wt["forms"]}})
+        del variants
+        trim_heap()
+    crossover = {}
+    for r in args.form_ranks:
+        rs = sorted((x for x in rows if x["rank"] == r), key=lambda x: x["tokens_per_step"])
+        toks, ratios = [x["tokens_per_step"] for x in rs], [x["ratio_weight_vs_activation"] for x in rs]
+        measured = _crossover(toks, ratios)
+        if measured is not None:
+            note = f"crosses 1 at ~{measured:.0f} tokens/step"
+        elif all(q > 1 for q in ratios):
+            note = "activation form faster at every measured size"
+        else:
+            note = "weight form faster at every measured size"
+        crossover[str(r)] = {"measured_tokens": measured, "note": note,
+                             "predicted_tokens": predicted_crossover(shapes[r], r),
+                             "adapted_shapes": sorted(set(shapes[r]))}
+    return {"seq": seq, "rows": rows, "crossover": crossover}
+
+
+def rate_analytics(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = dl.SwitchLoRA(rank=args.rank)
+    T = args.run_steps
+    rates = [switch_rate(t, T, cfg.decay_ratio) for t in range(T)]
+    peak = rates[0]
+    measured_last = args.warmup + args.compiled_extra_warmup + args.rounds * args.steps_per_round
+    return {"run_steps": T, "interval": cfg.interval, "decay_ratio": cfg.decay_ratio,
+            "peak_per_adapter_side": args.rank / cfg.interval,
+            "mean_rate_over_peak": sum(rates) / T / peak,
+            "rate_at_measured_steps_min": switch_rate(measured_last, args.total_steps, cfg.decay_ratio),
+            "benchmark_total_steps": args.total_steps,
+            "formula": "rate(t) = 0.3 ** ((t+1) / (decay_ratio*T)); switched per side = r/interval * rate(t)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def _f(x: float | None, fmt: str = ".1f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    speed_h = ["variant", "mode", "step ms (p25–p75)", "fwd/bwd/opt ms", "switch ms (share)",
+               "switch ms run avg (share)", "tokens/s", "vs full-rank", "vs full, run avg", "compiled/eager"]
+    mem_h = ["variant", "mode", "state", "vs full-rank", "RSS Δ", "RSS peak Δ", "build s", "compile s", "recompiles",
+             "switched/adapter/step"]
+    speed, mem = [], []
+    for r in s["variants"]:
+        has_sw = r["method"].startswith("switchlora")
+        speed.append([
+            r["method"], r["mode"],
+            f"{r['step_ms']:.1f} ({r['step_ms_p25']:.0f}–{r['step_ms_p75']:.0f})",
+            f"{r['fwd_ms']:.0f}/{r['bwd_ms']:.0f}/{r['opt_ms']:.0f}",
+            f"{r['switch_ms']:.1f} ({100 * r['switch_share']:.1f}%)" if has_sw else "–",
+            f"{r['switch_ms_run_avg']:.1f} ({100 * r['switch_share_run_avg']:.1f}%)" if has_sw else "–",
+            f"{r['tokens_per_s']:,.0f}",
+            _f(r.get("step_vs_full"), ".2f", "x"),
+            _f(r.get("step_vs_full_run_avg"), ".2f", "x") if has_sw else "–",
+            _f(r.get("compiled_vs_eager"), ".2f", "x"),
+        ])
+        extra = r.get("reference_tables_bytes")
+        state = human_bytes(r["state_bytes"]) + (f" (+{human_bytes(extra)} tables)" if extra else "")
+        mem.append([
+            r["method"], r["mode"], state, _f(r.get("state_vs_full"), ".2f", "x"),
+            human_bytes(r["rss_delta"]), human_bytes(r["rss_peak_delta"]), f"{r['build_s']:.2f}",
+            _f(r.get("compile_s"), ".1f"), str(r.get("recompiles_during_timing", "–")),
+            _f(r.get("switched_per_adapter_step"), ".2f") if has_sw else "–",
+        ])
+    return speed_h, speed, mem_h, mem
+
+
+def form_rows(fs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    h = ["rank", "tokens/step", "activation ms", "weight ms", "weight/activation", "fwd+bwd ratio",
+         "predicted (extra MACs)"]
+    rows = [[str(x["rank"]), str(x["tokens_per_step"]), f"{x['activation_step_ms']:.1f}", f"{x['weight_step_ms']:.1f}",
+             f"{x['ratio_weight_vs_activation']:.2f}", f"{x['ratio_fwd_bwd']:.2f}", f"{x['predicted_ratio_extra']:.2f}"]
+            for x in sorted(fs["rows"], key=lambda x: (x["rank"], x["tokens_per_step"]))]
+    return h, rows
+
+
+def print_report(result: dict[str, Any], markdown: bool) -> None:
+    a = result["analytic"]
+    head = (f"model: {result['args']['layers']} layers, dim {result['args']['dim']}, rank {result['args']['rank']}; "
+            f"torch {result['machine']['torch']}, {result['machine']['torch_threads']} threads, "
+            f"{result['machine']['cpu_count']} CPUs; medians of {result['args']['rounds']} rounds x "
+            f"{result['args']['steps_per_round']} steps, interleaved")
+    rate = (f"switching at peak rate ({a['peak_per_adapter_side']:.2f} vectors/side/adapter/step); over a "
+            f"{a['run_steps']}-step run the rate averages {a['mean_rate_over_peak']:.3f} x peak")
+    if markdown:
+        print(f"<!-- speed.py: {head} -->\n")
+        print(f"_{head}. {rate}._\n")
+        for s in result["settings"]:
+            sh, sr, mh, mr = setting_rows(s)
+            print(f"**{s['name']} ({s['tokens_per_step']} tokens/step), speed**\n")
+            print(markdown_table(sh, sr, ["l", "l"] + ["r"] * (len(sh) - 2)) + "\n")
+            print(f"**{s['name']}, memory and compile**\n")
+            print(markdown_table(mh, mr, ["l", "l"] + ["r"] * (len(mh) - 2)) + "\n")
+        if result.get("form_sweep"):
+            fh, fr = form_rows(result["form_sweep"])
+            print("**Adapter form: weight-space vs activation branch (SwitchLoRA, eager)**\n")
+            print(markdown_table(fh, fr, ["r"] * len(fh)) + "\n")
+            for r, c in result["form_sweep"]["crossover"].items():
+                pred = c["predicted_tokens"]
+                print(f"- rank {r}: {c['note']}; MAC count predicts "
+                      f"{'a crossover at ~%.0f tokens/step' % pred if pred else 'activation cheaper at every size'}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    console.print(head)
+    console.print(rate)
+    for s in result["settings"]:
+        sh, sr, mh, mr = setting_rows(s)
+        for title, h, rows in ((f"{s['name']} ({s['tokens_per_step']} tokens/step): speed", sh, sr),
+                               (f"{s['name']}: memory and compile", mh, mr)):
+            t = Table(title=title, title_justify="left")
+            for i, c in enumerate(h):
+                t.add_column(c, justify="left" if i < 2 else "right")
+            for row in rows:
+                t.add_row(*row)
+            console.print(t)
+    if result.get("form_sweep"):
+        fh, fr = form_rows(result["form_sweep"])
+        t = Table(title="Adapter form: weight-space vs activation branch (SwitchLoRA, eager)", title_justify="left")
+        for c in fh:
+            t.add_column(c, justify="right")
+        for row in fr:
+            t.add_row(*row)
+        console.print(t)
+        for r, c in result["form_sweep"]["crossover"].items():
+            pred = c["predicted_tokens"]
+            console.print(f"rank {r}: {c['note']}; MAC count predicts "
+                          f"{'a crossover at ~%.0f tokens/step' % pred if pred else 'activation cheaper at every size'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps, eager only: a smoke test")
+    p.add_argument("--out", default=str(HERE / "results" / "speed.json"), help="JSON output path")
+    p.add_argument("--markdown", action="store_true", help="print the tables as GitHub markdown")
+    p.add_argument("--dim", type=int, help="model width (default 256; quick 64)")
+    p.add_argument("--layers", type=int, help="transformer blocks (default 4; quick 2)")
+    p.add_argument("--heads", type=int, help="attention heads (default 4; quick 2)")
+    p.add_argument("--rank", type=int, help="adapter rank (default 64; quick 8)")
+    p.add_argument("--batch", type=int, help="batch of the first setting (default 8; quick 2)")
+    p.add_argument("--seq", type=int, help="sequence length of the first setting (default 128; quick 32)")
+    p.add_argument("--settings", help="comma list of BATCHxSEQ (default: BATCHxSEQ and (4*BATCH)xSEQ, "
+                                      "i.e. 8x128 and 32x128 = 1024 and 4096 tokens/step)")
+    p.add_argument("--variants", default=",".join(METHODS), help=f"comma list out of {', '.join(METHODS)}")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--compile", dest="compile", action="store_true", default=None,
+                      help="also time compiled variants (default, except with --quick)")
+    comp.add_argument("--no-compile", dest="compile", action="store_false", help="eager variants only")
+    p.add_argument("--compile-cache", action="store_true",
+                   help="let torch.compile use its FX-graph / AOTAutograd caches (default: off, cold compile times)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; quick 2)")
+    p.add_argument("--steps-per-round", type=int, help="steps per variant per round (default 2; quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant (default 2; quick 1)")
+    p.add_argument("--compiled-extra-warmup", type=int, default=1, help="extra untimed steps for compiled variants")
+    p.add_argument("--total-steps", type=int, default=10**6,
+                   help="total_steps given to every switcher: large, so switching runs at its peak rate")
+    p.add_argument("--run-steps", type=int, default=10_000, help="run length T for the run-averaged rate")
+    p.add_argument("--run-avg-calls", type=int, help="switch-hook calls per run position (default 3; quick 1)")
+    p.add_argument("--no-form-sweep", dest="form_sweep", action="store_false", help="skip the adapter form sweep")
+    p.add_argument("--form-tokens", type=_ints, help="tokens/step of the form sweep (default 256,1024,4096)")
+    p.add_argument("--form-ranks", type=_ints, help="ranks of the form sweep (default 16,64)")
+    p.add_argument("--form-seq", type=int, help="sequence length of the form sweep (default: --seq)")
+    p.add_argument("--form-rounds", type=int, help="interleaved rounds of the form sweep (default 3; quick 2)")
+    p.add_argument("--form-warmup", type=int, help="untimed steps per form-sweep variant (default 1)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random byte batches")
+    p.add_argument("--data-batches", type=int, default=4, help="distinct batches cycled through")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = p.parse_args(argv)
+
+    q = args.quick
+    defaults = dict(dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(2, 8), seq=(32, 128),
+                    rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 3),
+                    form_tokens=([64, 256], [256, 1024, 4096]), form_ranks=([4, 8], [16, 64]),
+                    form_rounds=(2, 3), form_warmup=(1, 1))
+    for k, (quick_v, full_v) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick_v if q else full_v)
+    if args.compile is None:
+        args.compile = not q
+    if args.form_seq is None:
+        args.form_seq = args.seq
+    if args.settings is None:
+        args.settings = f"{args.batch}x{args.seq},{4 * args.batch}x{args.seq}"
+    try:
+        args.setting_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.settings.split(",") if s]
+        assert all(len(s) == 2 and min(s) > 0 for s in args.setting_list)
+    except (ValueError, AssertionError):
+        p.error(f"--settings: expected e.g. 8x128,32x128, got {args.settings!r}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in METHODS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        p.error(f"--dim {args.dim} must split into --heads {args.heads} even-sized heads")
+    return args
+
+
+def process_warmup(args: argparse.Namespace, device: torch.device) -> None:
+    """One untimed step of a full-rank and a SwitchLoRA model, thrown away, so that one-off
+    process costs (kernel and library loading, export machinery) land on no variant's numbers."""
+    batch, seq = args.setting_list[0]
+    batches = make_batches(batch, seq, 1, args.seed, device)
+    for method in ("full-rank", "switchlora-seeded"):
+        v = build_variant(method, "eager", model_config(args, seq), batches[0][0], args, device)
+        train_step(v, batches, device)
+        del v
+    trim_heap()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(device),
+                              "args": {k: v for k, v in vars(args).items() if k != "setting_list"},
+                              "analytic": rate_analytics(args), "settings": []}
+    process_warmup(args, device)
+    result["machine"]["rss_at_start"] = current_rss()
+    with contextlib.ExitStack() as stack:
+        if args.compile and not args.compile_cache:
+            # cold compiles: otherwise LoRA and SwitchLoRA (identical graphs up to parameter values)
+            # and reruns of this script hit Inductor's and AOTAutograd's caches
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        for batch, seq in args.setting_list:
+            result["settings"].append(run_setting(batch, seq, args, device))
+    if args.form_sweep:
+        result["form_sweep"] = run_form_sweep(args, device)
+    result["max_rss"] = max_rss()
+    result["runtime_s"] = time.perf_counter() - t_start
+    result["machine"]["load_average_end"] = machine_info()["load_average"]
+    result["notes"] = [
+        "All timings are wall-clock medians over interleaved rounds in one process; the machine may be shared.",
+        "switch ms: time inside the switcher's optimizer-step hooks (pre: mask frozen gradients; post: switch), "
+        "at the peak switching rate (total_steps = benchmark_total_steps).",
+        "switch ms run avg: pre-hook median + post-hook time integrated over run positions x = t/T.",
+        "state: parameters + gradients + AdamW moments of trained tensors, storage of frozen ones, stored "
+        "candidate buffers; the reference switcher keeps one more copy of the candidate tables "
+        "(reference_tables_bytes), not included in state.",
+        "RSS deltas are process-wide: measured while each variant was built and warmed up, after a heap trim.",
+    ]
+    path = write_json(args.out, result)
+    print_report(result, args.markdown)
+    log(f"wrote {path} ({result['runtime_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The test zoo as a table: capture path, weight-bearing parameters, adapter coverage, transform time.
+
+    python benchmarks/zoo_table.py [--out benchmarks/results/zoo.json] [--markdown]
+
+Coverage is counted by the independent oracle in tests/zoo.py (a torch.export graph walk that
+does not use dynlora_fx), leaving out weights that are also embedding tables (tied heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import dynlora_fx as dl  # noqa: E402
+from zoo import ZOO, weight_bearing_params  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/zoo.json")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args()
+    rows = []
+    for case in ZOO:
+        model = case.build()
+        x, kw = case.inputs(2), case.kwargs(2)
+        t0 = time.perf_counter()
+        gm = dl.transform(model, x, dl.SwitchLoRA(rank=0.25), example_kwargs=kw)
+        seconds = time.perf_counter() - t0
+        oracle = weight_bearing_params(case.build(), x, kw, tied_embeddings=False)
+        adapted = {a.weight for a in dl.adapters(gm)}
+        total = sum(oracle.values())
+        rows.append({"model": case.id, "capture": gm.capture_method, "weight_bearing_params": total,
+                     "adapters": len(adapted), "skipped": len(gm.plan.skipped),
+                     "coverage": sum(n for k, n in oracle.items() if k in adapted) / total,
+                     "transform_seconds": round(seconds, 3),
+                     "forms": sorted({a.form for a in dl.adapters(gm)})})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "cpus": os.cpu_count()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = ["model", "capture", "weight-bearing params", "coverage", "transform s", "forms"]
+    vals = [[r["model"], r["capture"], f"{r['weight_bearing_params']:,}", f"{100 * r['coverage']:.1f}%",
+             f"{r['transform_seconds']:.2f}", "+".join(r["forms"])] for r in rows]
+    if args.markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for v in vals:
+            print("| " + " | ".join(v) + " |")
+        return
+    table = Table(*cols, title="dynlora-fx zoo")
+    for v in vals:
+        table.add_row(*v)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
