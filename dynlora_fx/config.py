@@ -31,7 +31,8 @@ class AdapterConfig:
     seed: int = 0  # all adapter/candidate/switching randomness derives from it
     targets: tuple[str, ...] = ()  # weight names to adapt (exact, ".suffix" or "re:regex"); empty = all
     exclude: tuple[str, ...] = ()  # weight names to leave full-rank, same pattern rules
-    form: str = "auto"  # "auto" | "activation" | "weight": adapter form where both are possible
+    form: str = "auto"  # "auto" (cheaper by the cost model below) | "activation" | "weight"
+    tokens_per_step: int = 4096  # rows per optimizer step through each op, for form="auto"'s cost model
 
     method: ClassVar[str] = "adapter"
 
@@ -51,6 +52,9 @@ class AdapterConfig:
             _fail(name, "init", self.init, "unknown initialisation", 'use "switchlora" or "lora"')
         if self.form not in ("auto", "activation", "weight"):
             _fail(name, "form", self.form, "unknown adapter form", 'use "auto", "activation" or "weight"')
+        if not isinstance(self.tokens_per_step, int) or self.tokens_per_step < 1:
+            _fail(name, "tokens_per_step", self.tokens_per_step, "must be an int >= 1",
+                  "pass the batch size x sequence length of one optimizer step, e.g. 4096")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             _fail(name, "seed", self.seed, "seed must be an int", "pass e.g. seed=0")
         for fname in ("targets", "exclude"):

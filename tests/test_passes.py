@@ -91,7 +91,8 @@ def check_equivalent_and_mergeable(model, args, config, kwargs=None):
 
 
 def test_linear_activation_branch_structure_and_numerics():
-    gm, merged = check_equivalent_and_mergeable(MLP(), (torch.randn(5, 8),), dl.SwitchLoRA(rank=2))
+    gm, merged = check_equivalent_and_mergeable(MLP(), (torch.randn(5, 8),),
+                                                dl.SwitchLoRA(rank=2, form="activation"))
     assert gm.capture_method == "symbolic_trace"
     infos = {a.weight: a for a in dl.adapters(gm)}
     assert set(infos) == {"fc1.weight", "fc2.weight"}
@@ -121,16 +122,32 @@ def test_frozen_base_and_trainable_adapters():
                          ids=["conv", "conv-reflect", "grouped", "depthwise-like"])
 def test_conv_forms(groups, padding_mode, form):
     gm, _ = check_equivalent_and_mergeable(ConvNet(groups, padding_mode), (torch.randn(2, 4, 6, 6),),
-                                           dl.SwitchLoRA(rank=2))
+                                           dl.SwitchLoRA(rank=2, form="activation"))
     info = next(a for a in dl.adapters(gm) if a.weight == "conv.weight")
     assert info.form == form and info.shape == (8, 4 // groups, 3, 3)
 
 
 def test_raw_parameters_use_weight_space_form():
-    gm, _ = check_equivalent_and_mergeable(RawParams(), (torch.randn(3, 8),), dl.LoRA(rank=2, init="switchlora"))
+    gm, _ = check_equivalent_and_mergeable(RawParams(), (torch.randn(3, 8),),
+                                           dl.LoRA(rank=2, init="switchlora", form="activation"))
     forms = {a.weight: (a.op, a.form) for a in dl.adapters(gm)}
     assert forms == {"w1": ("linear", "activation"), "w2": ("matmul", "weight"), "w3": ("einsum", "weight")}
     assert roles(gm).count("delta") == 2
+
+
+def test_auto_form_follows_the_cost_model():
+    from dynlora_fx.passes.find_targets import adapter_costs, choose_form
+
+    # a square 256x256 weight at rank 64: the branch wins for few tokens per step, weight space for many
+    assert choose_form("auto", True, 256, 256, 64, 256) == "activation"
+    assert choose_form("auto", True, 256, 256, 64, 4096) == "weight"
+    act, wt = adapter_costs(256, 256, 64, 384)
+    assert act == wt  # the documented crossover, T = 1.5·d at r = d/4
+    assert choose_form("auto", False, 256, 256, 64, 16) == "weight"  # no branch possible
+    few = dl.transform(MLP(), (torch.randn(2, 8),), dl.SwitchLoRA(rank=2, tokens_per_step=4))
+    many = dl.transform(MLP(), (torch.randn(2, 8),), dl.SwitchLoRA(rank=2, tokens_per_step=4096))
+    assert {a.form for a in dl.adapters(few)} == {"activation"}
+    assert {a.form for a in dl.adapters(many)} == {"weight"}
 
 
 def test_forced_weight_form_matches():

@@ -39,7 +39,8 @@ def build(seed=0, **cfg):
     torch.manual_seed(0)
     model = Block()
     x = torch.randn(16, 32)
-    config = dl.SwitchLoRA(rank=cfg.pop("rank", 8), seed=seed, **{"interval": 10, "freeze_steps": 2, **cfg})
+    config = dl.SwitchLoRA(rank=cfg.pop("rank", 8), seed=seed,
+                           **{"interval": 10, "freeze_steps": 2, "tokens_per_step": x.shape[0], **cfg})
     return dl.transform(model, (x,), config), x
 
 

@@ -19,11 +19,14 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("form", ["activation", "weight"])
 @pytest.mark.parametrize("case", ZOO, ids=[c.id for c in ZOO])
-def test_zoo_model(case):
+def test_zoo_model(case, form):
     model = case.build()
     args, kwargs = case.inputs(2), case.kwargs(2)
-    gm = dl.transform(model, args, dl.SwitchLoRA(rank=0.25), example_kwargs=kwargs)
+    gm = dl.transform(model, args, dl.SwitchLoRA(rank=0.25, form=form), example_kwargs=kwargs)
+    if form == "weight":
+        assert {a.form for a in dl.adapters(gm)} == {"weight"}
     for mode in ("train", "eval"):
         gm.graph_module(mode).graph.lint()
 

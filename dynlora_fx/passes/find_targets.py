@@ -272,10 +272,31 @@ def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "m
                  "use a smaller int rank or a fractional rank")
             continue
         can_branch = all(u.direct for u in uses)
-        form = "activation" if can_branch and config.form in ("auto", "activation") else "weight"
+        form = choose_form(config.form, can_branch, rows, cols, r, config.tokens_per_step)
         targets.append(Target(weight, tuple(names), tuple(p.shape), uses[0].op, form, batch, rows, cols, r,
                               _fan_in_is_rows(uses[0])))
     return TargetPlan(tuple(targets), tuple(skipped))
+
+
+def adapter_costs(rows: int, cols: int, rank: int, tokens: int) -> tuple[float, float]:
+    """Multiply-adds per training step added to the frozen base op, (activation, weight-space).
+
+    Activation branch: x·Aᵀ and ·Bᵀ forward, twice that backward: 3·T·r·(m+n); W stays frozen, so
+    the base op computes no weight gradient. Weight-space form: B@A forward and the dA, dB products
+    backward (3·r·m·n), plus the base op's now-needed weight gradient (T·m·n). For a square d×d
+    weight at r = d/4 the weight-space form is cheaper once T > 1.5·d tokens per step."""
+    activation = 3.0 * tokens * rank * (rows + cols)
+    weight = 3.0 * rank * rows * cols + tokens * rows * cols
+    return activation, weight
+
+
+def choose_form(requested: str, can_branch: bool, rows: int, cols: int, rank: int, tokens: int) -> str:
+    if not can_branch or requested == "weight":
+        return "weight"
+    if requested == "activation":
+        return "activation"
+    activation, weight = adapter_costs(rows, cols, rank, tokens)
+    return "activation" if activation <= weight else "weight"
 
 
 def _fan_in_is_rows(use: WeightUse) -> bool:
