@@ -29,57 +29,54 @@ class ReferenceSwitcher(Switcher):
             self.tables[id(ad)] = (ad.generate_candidates(SIDE_A, every).reshape(E, ad.num_candidates, -1),
                                    ad.generate_candidates(SIDE_B, every).reshape(E, ad.num_candidates, -1))
 
-    @torch.no_grad()
-    def _switch_all(self):
-        counts = self.switch_counts(self.step)
-        for ad, k in zip(self.adapters, counts):
-            ad.a_frozen.sub_(1).clamp_(min=0)
-            ad.b_frozen.sub_(1).clamp_(min=0)
-            if k == 0:
-                continue
-            for side in (SIDE_A, SIDE_B):
-                self._switch_side_loop(ad, side, k)
+    def _switch_side(self, bank, side, kmax, k_per_row, ok):
+        """One side of every adapter in ``bank``, one vector at a time (``ok``, the NaN guard, is not
+        part of the reference). Draws the same ``rand(G·E, K)`` as the batched runtime."""
+        draw = torch.rand(bank.GE, bank.K, generator=self._device_gen, device=bank.device)
+        for row in range(bank.GE):
+            ad, e = bank.adapters[row // bank.E], row % bank.E
+            self._switch_vectors(ad, e, side, int(k_per_row[row]), draw[row])
+        # W was updated vector by vector above: nothing left for the batched absorption
+        return (torch.zeros(bank.GE, bank.rows, 0, dtype=bank.p_dtype, device=bank.device),
+                torch.zeros(bank.GE, 0, bank.cols, dtype=bank.p_dtype, device=bank.device))
 
-    def _switch_side_loop(self, ad, side, k):
+    def _switch_vectors(self, ad, e, side, k, draw):
         t = ad.target
         r, rows, cols, E = t.rank, t.rows, t.cols, math.prod(t.batch)
-        A, B = ad.A.view(E, r, cols), ad.B.view(E, rows, r)
-        W = self.gm.model.get_parameter(t.weight).view(E, rows, cols)
+        A, B = ad.A.view(E, r, cols)[e], ad.B.view(E, rows, r)[e]
+        W = self.gm.model.get_parameter(t.weight).view(E, rows, cols)[e]
         s = ad.scale
-        a_tab, b_tab = self.tables[id(ad)]
-        draw = torch.rand(E, ad.num_candidates, generator=self._device_gen, device=A.device)
+        a_tab, b_tab = (tab[e] for tab in self.tables[id(ad)])
         if side == SIDE_A:
-            frozen, ptr, index, partner_frozen = ad.a_frozen.view(E, r), ad.a_ptr.view(E), ad.a_index.view(E, r), \
-                ad.b_frozen.view(E, r)
+            frozen, ptr, index, partner_frozen = ad.a_frozen.view(E, r)[e], ad.a_ptr.view(E), ad.a_index.view(E, r)[e], \
+                ad.b_frozen.view(E, r)[e]
         else:
-            frozen, ptr, index, partner_frozen = ad.b_frozen.view(E, r), ad.b_ptr.view(E), ad.b_index.view(E, r), \
-                ad.a_frozen.view(E, r)
+            frozen, ptr, index, partner_frozen = ad.b_frozen.view(E, r)[e], ad.b_ptr.view(E), ad.b_index.view(E, r)[e], \
+                ad.a_frozen.view(E, r)[e]
         state = self.optimizer.vector_state(ad.B if side == SIDE_A else ad.A)
-        for e in range(E):
-            in_use = set(index[e].tolist())
-            free = sorted((draw[e, c].item(), c) for c in range(ad.num_candidates) if c not in in_use)
-            start = int(ptr[e])
-            slots = [(start + j) % r for j in range(r) if frozen[e, (start + j) % r] == 0][:k]
-            last = None
-            for j, i in enumerate(slots):
-                if j >= len(free):
-                    break
-                c = free[j][1]
-                if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c)
-                    W[e] += s * torch.outer(B[e, :, i], A[e, i] - a_tab[e, c])
-                    A[e, i] = a_tab[e, c]
-                    partner_rows = [state[key].view(E, rows, -1)[e, :, i] if key != "step" else
-                                    state[key].view(E, 1, r)[e, :, i] for key in ("exp_avg", "exp_avg_sq", "step")]
-                else:  # W += s · (B[:, i] − d) ⊗ A[i]
-                    W[e] += s * torch.outer(B[e, :, i] - b_tab[e, c], A[e, i])
-                    B[e, :, i] = b_tab[e, c]
-                    partner_rows = [state[key].view(E, r, -1)[e, i] for key in ("exp_avg", "exp_avg_sq", "step")]
-                index[e, i] = c
-                partner_frozen[e, i] = self.config.freeze_steps
-                if self.config.reset_vector_state:
-                    for vec in partner_rows:
-                        vec.zero_()
-                self._switched[side] += 1
-                last = i
-            if last is not None:
-                ptr[e] = (last + 1) % r
+        in_use = set(index.tolist())
+        free = sorted((draw[c].item(), c) for c in range(ad.num_candidates) if c not in in_use)
+        start = int(ptr[e])
+        slots = [(start + j) % r for j in range(r) if frozen[(start + j) % r] == 0][:k]
+        last = None
+        for j, i in enumerate(slots):
+            if j >= len(free):
+                break
+            c = free[j][1]
+            if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c)
+                W += s * torch.outer(B[:, i], A[i] - a_tab[c])
+                A[i] = a_tab[c]
+                partner = [state[key].view(E, -1, r)[e, :, i] for key in ("exp_avg", "exp_avg_sq", "step")]
+            else:  # W += s · (B[:, i] − d) ⊗ A[i]
+                W += s * torch.outer(B[:, i] - b_tab[c], A[i])
+                B[:, i] = b_tab[c]
+                partner = [state[key].view(E, r, -1)[e, i] for key in ("exp_avg", "exp_avg_sq", "step")]
+            index[i] = c
+            partner_frozen[i] = self.config.freeze_steps
+            if self.config.reset_vector_state:
+                for vec in partner:
+                    vec.zero_()
+            self._switched[side] += 1
+            last = i
+        if last is not None:
+            ptr[e] = (last + 1) % r

@@ -48,8 +48,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +86,18 @@ RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------------
 # variants
 # ---------------------------------------------------------------------------------------------
-def method_config(method: str, rank: int, form: str = "auto") -> dl.SwitchLoRA | dl.LoRA | None:
+def method_config(method: str, rank: int, form: str = "auto", tokens: int | None = None) -> dl.SwitchLoRA | dl.LoRA | None:
+    """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model
+    where the library has one (``tokens_per_step``)."""
     if method == "full-rank":
         return None
-    if method == "lora":
-        return dl.LoRA(rank=rank, form=form)
-    candidates = "seeded" if method == "switchlora-seeded" else "stored"
-    return dl.SwitchLoRA(rank=rank, candidates=candidates, form=form)
+    cls = dl.LoRA if method == "lora" else dl.SwitchLoRA
+    kwargs: dict[str, Any] = {"rank": rank, "form": form}
+    if tokens is not None and "tokens_per_step" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["tokens_per_step"] = tokens
+    if cls is dl.SwitchLoRA:
+        kwargs["candidates"] = "seeded" if method == "switchlora-seeded" else "stored"
+    return cls(**kwargs)
 
 
 @dataclass
@@ -135,7 +144,7 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
                   device: torch.device, rank: int | None = None, form: str = "auto", label: str | None = None) -> Variant:
     rank = args.rank if rank is None else rank
     model = build_model(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
-    config = method_config(method, rank, form)
+    config = method_config(method, rank, form, tokens=example.numel())
     inner = model if config is None else dl.transform(model, (example,), config)
     del model
     optimizer = make_optimizer(inner, config, TrainSettings(steps=args.total_steps, lr=args.lr))
@@ -158,7 +167,9 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
         v.info["state_bytes"] = full_rank_state_bytes(inner)
     else:
         v.info["state_bytes"] = training_state_bytes(inner)
-        v.info["adapters"] = len(dl.adapters(inner))
+        infos = dl.adapters(inner)
+        v.info["adapters"] = len(infos)
+        v.info["adapter_forms"] = {f: sum(a.form == f for a in infos) for f in sorted({a.form for a in infos})}
         v.info["trainable_params"] = sum(p.numel() for p in inner.parameters() if p.requires_grad)
     if isinstance(switcher, ReferenceSwitcher):  # its own copy of every candidate table
         v.info["reference_tables_bytes"] = sum(t.numel() * t.element_size()
@@ -212,36 +223,49 @@ def make_batches(batch: int, seq: int, n: int, seed: int, device: torch.device) 
 
 
 def build_and_warm(specs: list[tuple], cfg: LlamaConfig, batches: list, args: argparse.Namespace,
-                   device: torch.device) -> list[Variant]:
-    """Build each variant in turn, measuring what it adds to RSS, and warm it up."""
+                   device: torch.device, failures: list[dict[str, Any]]) -> list[Variant]:
+    """Build each variant in turn, measuring what it adds to RSS, and warm it up; a variant that
+    raises is logged, appended to ``failures`` and left out."""
     variants = []
     for spec in specs:
         method, mode, *rest = spec
         kwargs = rest[0] if rest else {}
-        trim_heap()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            cuda0 = torch.cuda.memory_allocated(device)
-        rss0 = current_rss()
-        warm = args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0)
-        with RssSampler() as sampler:
-            t0 = time.perf_counter()
-            v = build_variant(method, mode, cfg, batches[0][0], args, device, **kwargs)
-            build_s = time.perf_counter() - t0
-            first = train_step(v, batches, device)["total"]
-            for _ in range(warm - 1):
-                train_step(v, batches, device)
-        trim_heap()
-        v.info.update(build_s=build_s, first_step_s=first, warmup_steps=warm, rss_before=rss0,
-                      rss_delta=current_rss() - rss0, rss_peak_delta=sampler.peak - rss0)
-        if device.type == "cuda":
-            v.info.update(cuda_state_delta=torch.cuda.memory_allocated(device) - cuda0,
-                          cuda_peak_delta=torch.cuda.max_memory_allocated(device) - cuda0)
-        v.recompiles = 0  # count only those during the timed steps
-        log(f"  built {v.label:<34} build {build_s:6.2f} s, first step {first:7.2f} s, "
-            f"RSS +{human_bytes(v.info['rss_delta'])}")
-        variants.append(v)
+        try:
+            variants.append(_build_and_warm_one(method, mode, kwargs, cfg, batches, args, device))
+        except Exception as exc:  # one broken variant must not cost the others' numbers
+            label = kwargs.get("label", f"{method}/{mode}")
+            log(f"  FAILED {label}: {type(exc).__name__}: {exc}")
+            failures.append({"method": method, "mode": mode, "label": label,
+                             "error": f"{type(exc).__name__}: {exc}"})
+            trim_heap()
     return variants
+
+
+def _build_and_warm_one(method: str, mode: str, kwargs: dict[str, Any], cfg: LlamaConfig, batches: list,
+                        args: argparse.Namespace, device: torch.device) -> Variant:
+    trim_heap()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda0 = torch.cuda.memory_allocated(device)
+    rss0 = current_rss()
+    warm = args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0)
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        v = build_variant(method, mode, cfg, batches[0][0], args, device, **kwargs)
+        build_s = time.perf_counter() - t0
+        first = train_step(v, batches, device)["total"]
+        for _ in range(warm - 1):
+            train_step(v, batches, device)
+    trim_heap()
+    v.info.update(build_s=build_s, first_step_s=first, warmup_steps=warm, rss_before=rss0,
+                  rss_delta=current_rss() - rss0, rss_peak_delta=sampler.peak - rss0)
+    if device.type == "cuda":
+        v.info.update(cuda_state_delta=torch.cuda.memory_allocated(device) - cuda0,
+                      cuda_peak_delta=torch.cuda.max_memory_allocated(device) - cuda0)
+    v.recompiles = 0  # count only those during the timed steps
+    log(f"  built {v.label:<34} build {build_s:6.2f} s, first step {first:7.2f} s, "
+        f"RSS +{human_bytes(v.info['rss_delta'])}")
+    return v
 
 
 def timed_rounds(variants: list[Variant], batches: list, rounds: int, per_round: int, device: torch.device) -> None:
@@ -359,7 +383,8 @@ def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.de
     batches = make_batches(batch, seq, args.data_batches, args.seed, device)
     modes = ("eager", "compiled") if args.compile else ("eager",)
     specs = [(m, mode) for mode in modes for m in args.variants]
-    variants = build_and_warm(specs, cfg, batches, args, device)
+    failures: list[dict[str, Any]] = []
+    variants = build_and_warm(specs, cfg, batches, args, device, failures)
     timed_rounds(variants, batches, args.rounds, args.steps_per_round, device)
     run_avg = {}
     for v in variants:
@@ -377,7 +402,7 @@ def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.de
            "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden,
                      "max_seq_len": cfg.max_seq_len, "vocab": cfg.vocab,
                      "params": sum(p.numel() for p in build_model(cfg).parameters())},
-           "variants": records, "max_rss_after": max_rss()}
+           "variants": records, "failed": failures, "max_rss_after": max_rss()}
     del variants
     trim_heap()
     return out
@@ -419,10 +444,12 @@ def run_form_sweep(args: argparse.Namespace, device: torch.device) -> dict[str, 
         specs = [("switchlora-seeded", "eager", {"rank": r, "form": f, "label": f"r{r}/{f}/{batch * seq}"})
                  for r in args.form_ranks for f in ("activation", "weight")]
         sweep_args = argparse.Namespace(**{**vars(args), "warmup": args.form_warmup})
-        variants = build_and_warm(specs, cfg, batches, sweep_args, device)
+        failures: list[dict[str, Any]] = []
+        variants = build_and_warm(specs, cfg, batches, sweep_args, device, failures)
+        if failures:
+            raise RuntimeError(f"form sweep: {failures[0]['label']} failed: {failures[0]['error']}")
         for v in variants:
-            forms = {a.form for a in dl.adapters(v.inner)}
-            v.info["forms"] = sorted(forms)
+            v.info["forms"] = sorted(v.info["adapter_forms"])
             r = v.config.rank
             if r not in shapes:
                 shapes[r] = [(a.shape[0], math.prod(a.shape[1:])) for a in dl.adapters(v.inner)]
@@ -483,8 +510,8 @@ def _f(x: float | None, fmt: str = ".1f", suffix: str = "") -> str:
 def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     speed_h = ["variant", "mode", "step ms (p25–p75)", "fwd/bwd/opt ms", "switch ms (share)",
                "switch ms run avg (share)", "tokens/s", "vs full-rank", "vs full, run avg", "compiled/eager"]
-    mem_h = ["variant", "mode", "state", "vs full-rank", "RSS Δ", "RSS peak Δ", "build s", "compile s", "recompiles",
-             "switched/adapter/step"]
+    mem_h = ["variant", "mode", "adapters (form)", "state", "vs full-rank", "RSS Δ", "RSS peak Δ", "build s",
+             "compile s", "recompiles", "switched/adapter/step"]
     speed, mem = [], []
     for r in s["variants"]:
         has_sw = r["method"].startswith("switchlora")
@@ -501,8 +528,9 @@ def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
         ])
         extra = r.get("reference_tables_bytes")
         state = human_bytes(r["state_bytes"]) + (f" (+{human_bytes(extra)} tables)" if extra else "")
+        forms = r.get("adapter_forms") or {}
         mem.append([
-            r["method"], r["mode"], state, _f(r.get("state_vs_full"), ".2f", "x"),
+            r["method"], r["mode"], " + ".join(f"{n} {f[:3]}" for f, n in forms.items()) or "–", state, _f(r.get("state_vs_full"), ".2f", "x"),
             human_bytes(r["rss_delta"]), human_bytes(r["rss_peak_delta"]), f"{r['build_s']:.2f}",
             _f(r.get("compile_s"), ".1f"), str(r.get("recompiles_during_timing", "–")),
             _f(r.get("switched_per_adapter_step"), ".2f") if has_sw else "–",
@@ -536,6 +564,8 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             print(markdown_table(sh, sr, ["l", "l"] + ["r"] * (len(sh) - 2)) + "\n")
             print(f"**{s['name']}, memory and compile**\n")
             print(markdown_table(mh, mr, ["l", "l"] + ["r"] * (len(mh) - 2)) + "\n")
+            for f in s.get("failed", []):
+                print(f"- **{f['label']} failed**: `{f['error']}`")
         if result.get("form_sweep"):
             fh, fr = form_rows(result["form_sweep"])
             print("**Adapter form: weight-space vs activation branch (SwitchLoRA, eager)**\n")
@@ -560,6 +590,8 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             for row in rows:
                 t.add_row(*row)
             console.print(t)
+        for f in s.get("failed", []):
+            console.print(f"[bold red]{f['label']} failed[/]: {f['error']}", markup=True)
     if result.get("form_sweep"):
         fh, fr = form_rows(result["form_sweep"])
         t = Table(title="Adapter form: weight-space vs activation branch (SwitchLoRA, eager)", title_justify="left")
@@ -609,7 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--total-steps", type=int, default=10**6,
                    help="total_steps given to every switcher: large, so switching runs at its peak rate")
     p.add_argument("--run-steps", type=int, default=10_000, help="run length T for the run-averaged rate")
-    p.add_argument("--run-avg-calls", type=int, help="switch-hook calls per run position (default 3; quick 1)")
+    p.add_argument("--run-avg-calls", type=int, help="switch-hook calls per run position (default 5; quick 1)")
     p.add_argument("--no-form-sweep", dest="form_sweep", action="store_false", help="skip the adapter form sweep")
     p.add_argument("--form-tokens", type=_ints, help="tokens/step of the form sweep (default 256,1024,4096)")
     p.add_argument("--form-ranks", type=_ints, help="ranks of the form sweep (default 16,64)")
@@ -625,7 +657,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     q = args.quick
     defaults = dict(dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(2, 8), seq=(32, 128),
-                    rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 3),
+                    rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 5),
                     form_tokens=([64, 256], [256, 1024, 4096]), form_ranks=([4, 8], [16, 64]),
                     form_rounds=(2, 3), form_warmup=(1, 1))
     for k, (quick_v, full_v) in defaults.items():
@@ -660,6 +692,11 @@ def process_warmup(args: argparse.Namespace, device: torch.device) -> None:
         v = build_variant(method, "eager", model_config(args, seq), batches[0][0], args, device)
         train_step(v, batches, device)
         del v
+    if args.compile:  # compiler start-up (imports, toolchain checks) would otherwise land on the first variant
+        tiny = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)).to(device)
+        torch.compile(tiny, fullgraph=True, dynamic=False)(torch.randn(4, 8, device=device)).sum().backward()
+        del tiny
+        torch._dynamo.reset()
     trim_heap()
 
 
@@ -672,6 +709,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(device),
                               "args": {k: v for k, v in vars(args).items() if k != "setting_list"},
                               "analytic": rate_analytics(args), "settings": []}
+    cache_dir = None
+    if args.compile and not args.compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # a fresh kernel cache: no hits from earlier runs of this script (hits within this run
+        # remain possible: variants compiled later may reuse kernels identical to earlier ones)
+        cache_dir = tempfile.mkdtemp(prefix="speed-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     process_warmup(args, device)
     result["machine"]["rss_at_start"] = current_rss()
     with contextlib.ExitStack() as stack:
@@ -696,7 +739,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "candidate buffers; the reference switcher keeps one more copy of the candidate tables "
         "(reference_tables_bytes), not included in state.",
         "RSS deltas are process-wide: measured while each variant was built and warmed up, after a heap trim.",
+        "compile s: first step minus the median step; Inductor's FX-graph and AOTAutograd caches are off and its "
+        "kernel cache starts empty (unless --compile-cache), but later variants may reuse kernels compiled for "
+        "earlier ones in the same process.",
     ]
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     path = write_json(args.out, result)
     print_report(result, args.markdown)
     log(f"wrote {path} ({result['runtime_s']:.0f} s)")

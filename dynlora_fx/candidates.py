@@ -9,11 +9,12 @@ function once for every index, so both modes hold identical values.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-__all__ = ["switchlora_stds", "lora_a_bound", "candidate_keys", "candidate_vectors", "project_generator"]
+__all__ = ["switchlora_stds", "lora_a_bound", "base_keys", "candidate_keys", "candidate_vectors", "project_generator"]
 
 _M32 = 0xFFFFFFFF
 SIDE_A, SIDE_B = 0, 1
@@ -43,23 +44,32 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def candidate_keys(seed: int, uid: torch.Tensor | int, expert: torch.Tensor | int, side: torch.Tensor | int,
-                   index: torch.Tensor | int, device: torch.device | str | None = None) -> torch.Tensor:
-    """One uint32 key (in an int64 tensor) per candidate; all arguments broadcast."""
+def base_keys(seed: int, uid: torch.Tensor | int, expert: torch.Tensor | int,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """The per-(adapter, expert) part of a candidate's key; broadcasts over ``uid`` and ``expert``."""
     def t(v):
         return torch.as_tensor(v, dtype=torch.int64, device=device) & _M32
 
     k = _mix32(t(seed) ^ 0x5BD1E995)
     k = _mix32(k ^ t(uid))
-    k = _mix32(k ^ t(expert))
-    return _mix32(k ^ ((t(index) << 1) | t(side)) & _M32)
+    return _mix32(k ^ t(expert))
+
+
+def candidate_keys(base: torch.Tensor, side: int, index: torch.Tensor) -> torch.Tensor:
+    """One uint32 key (in an int64 tensor) per candidate ``index`` of ``side``; ``base`` broadcasts."""
+    return _mix32(base ^ (((index << 1) | side) & _M32))
+
+
+@functools.lru_cache(maxsize=64)
+def _position_hash(length: int, device: torch.device) -> torch.Tensor:
+    return _mix32(torch.arange(length, dtype=torch.int64, device=device) + 0x9E3779B9)
 
 
 def candidate_vectors(keys: torch.Tensor, length: int, bound: float | torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Vectors ``(*keys.shape, length)`` uniform in ±bound, a pure function of the keys."""
-    pos = _mix32(torch.arange(length, dtype=torch.int64, device=keys.device) + 0x9E3779B9)
-    bits = _mix32(keys.unsqueeze(-1) ^ pos)
+    """Vectors ``(*keys.shape, length)`` uniform in ±bound, a pure function of the keys
+    (``bound`` is a float or a tensor broadcasting against ``keys``)."""
+    bits = _mix32(keys.unsqueeze(-1) ^ _position_hash(length, keys.device))
     u = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 random bits -> exact float32 in [0, 1)
     if isinstance(bound, torch.Tensor):
         bound = bound.to(torch.float32).unsqueeze(-1)

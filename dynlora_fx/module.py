@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors, lora_a_bound, project_generator, \
-    switchlora_stds
+from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vectors, lora_a_bound, \
+    project_generator, switchlora_stds
 from .capture import graph_module
 from .config import AdapterConfig
 from .errors import StateError
@@ -101,11 +101,14 @@ class Adapter(nn.Module):
             return flat.gather(1, idx).view(*index.shape, flat.shape[-1])
         return self.generate_candidates(side, index)
 
+    def base_keys(self) -> torch.Tensor:
+        """Per-expert key prefix ``(E,)`` of this adapter's candidates under its current seed."""
+        experts = torch.arange(math.prod(self.target.batch), device=self.A.device)
+        return base_keys(self.seed, self.uid, experts, device=self.A.device)
+
     def generate_candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
-        seed = self.seed
-        experts = torch.arange(math.prod(self.target.batch), device=index.device).view(*self.target.batch, 1) \
-            if self.target.batch else 0
-        keys = candidate_keys(seed, self.uid, experts, side, index, device=index.device)
+        base = self.base_keys().view(*self.target.batch, *([1] * (index.dim() - len(self.target.batch))))
+        keys = candidate_keys(base, side, index)
         length = self.target.cols if side == SIDE_A else self.target.rows
         bound = self.bound_a if side == SIDE_A else self.bound_b
         return candidate_vectors(keys, length, bound, dtype=self.A.dtype)

@@ -16,10 +16,9 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from ..candidates import SIDE_A, SIDE_B, project_generator
-from ..config import LoRA, ReLoRA, SwitchLoRA
+from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors, project_generator
+from ..config import ReLoRA, SwitchLoRA
 from ..errors import StateError
 from ..module import Adapter, DynLoRAModule, unwrap
 from .optim import AdamW
@@ -69,12 +68,12 @@ class Switcher:
         self._warned = False
         self._relora_round = 0
         self._saved_lr: list[Any] = []
+        self._banks: list[_Bank] | None = None
         if isinstance(self.config, SwitchLoRA):
             for ad in self.adapters:
                 optimizer.register_vectors(ad.A, -2, lambda ad=ad: ad.a_frozen)
                 optimizer.register_vectors(ad.B, -1, lambda ad=ad: ad.b_frozen)
-            if self.config.candidates == "stored":
-                self._store_candidates()
+            self._ensure_banks()
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         optimizer._dynlora_switcher = self
@@ -117,78 +116,97 @@ class Switcher:
             out.append(min(ad.target.rank, int(e) + (draw < e - int(e))))  # stochastic rounding
         return out
 
+    def _ensure_banks(self) -> list[_Bank]:
+        """Adapters of one shape share a bank: their bookkeeping lives in stacked tensors (the
+        adapters' buffers are views of them), so one step is a few ops per bank, not per adapter.
+        Rebuilt if ``.to()`` or a state load replaced the adapters' buffers."""
+        if self._banks is None or any(not b.intact() for b in self._banks):
+            groups: dict[tuple, list[tuple[int, Adapter]]] = {}
+            for i, ad in enumerate(self.adapters):
+                t = ad.target
+                key = (t.rows, t.cols, t.rank, t.batch, ad.A.dtype, ad.A.device, ad.seed)
+                groups.setdefault(key, []).append((i, ad))
+            self._banks = [_Bank(members, self.config.candidates == "stored") for members in groups.values()]
+        return self._banks
+
     @torch.no_grad()
     def _switch_all(self) -> None:
         counts = self.switch_counts(self.step)
-        for ad, k in zip(self.adapters, counts):
-            ad.a_frozen.sub_(1).clamp_(min=0)
-            ad.b_frozen.sub_(1).clamp_(min=0)
-            if k == 0:
+        for bank in self._ensure_banks():
+            bank.a_frozen.sub_(1).clamp_(min=0)
+            bank.b_frozen.sub_(1).clamp_(min=0)
+            ks = [counts[i] for i in bank.positions]
+            if max(ks) == 0:
                 continue
-            ok = torch.isfinite(ad.A).all() & torch.isfinite(ad.B).all()
-            for p in (ad.A, ad.B):
-                if p.grad is not None:
-                    ok &= torch.isfinite(p.grad).all()
-            weight = self.gm.model.get_parameter(ad.target.weight)
-            self._switch_side(ad, weight, SIDE_A, k, ok)
-            self._switch_side(ad, weight, SIDE_B, k, ok)
+            k_per_row = torch.tensor(ks, device=bank.device).repeat_interleave(bank.E)
+            ok = bank.finite()
+            left_a, right_a = self._switch_side(bank, SIDE_A, max(ks), k_per_row, ok)
+            left_b, right_b = self._switch_side(bank, SIDE_B, max(ks), k_per_row, ok)
+            # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
+            left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(bank.w_dtype).split(bank.E)
+            right = torch.cat([right_a, right_b], dim=1).to(bank.w_dtype).split(bank.E)
+            for w, lhs, rhs in zip(bank.weight_views(self.gm), left, right):
+                w.baddbmm_(lhs, rhs)
 
-    def _switch_side(self, ad: Adapter, weight: torch.Tensor, side: int, k: int, ok: torch.Tensor) -> None:
-        t = ad.target
-        r, rows, cols = t.rank, t.rows, t.cols
-        E = math.prod(t.batch)
-        A, B = ad.A.view(E, r, cols), ad.B.view(E, rows, r)
-        W = weight.view(E, rows, cols)
+    def _switch_side(self, bank: _Bank, side: int, kmax: int, k_per_row: torch.Tensor,
+                     ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Switch up to ``k`` vectors of ``side`` in every adapter of ``bank`` (flattened to G·E rows);
+        returns the factors (G·E, rows, k), (G·E, k, cols) whose product W must absorb (unscaled)."""
+        r, rows, cols, GE, E = bank.r, bank.rows, bank.cols, bank.GE, bank.E
+        dev = bank.device
         if side == SIDE_A:
-            frozen, ptr, index = ad.a_frozen.view(E, r), ad.a_ptr.view(E), ad.a_index.view(E, r)
-            partner_frozen, partner = ad.b_frozen.view(E, r), ad.B
+            frozen, ptr, index, partner_frozen = bank.a_frozen, bank.a_ptr, bank.a_index, bank.b_frozen
         else:
-            frozen, ptr, index = ad.b_frozen.view(E, r), ad.b_ptr.view(E), ad.b_index.view(E, r)
-            partner_frozen, partner = ad.a_frozen.view(E, r), ad.A
-        dev = A.device
-        # slots: the next k non-frozen ones in round-robin order from the pointer
+            frozen, ptr, index, partner_frozen = bank.b_frozen, bank.b_ptr, bank.b_index, bank.a_frozen
+        # slots: the next k non-frozen ones in round-robin order from each pointer
         order = (torch.arange(r, device=dev) - ptr.unsqueeze(1)) % r
         key = order + r * (frozen > 0)
-        pos = key.topk(k, dim=1, largest=False).indices  # (E, k)
-        valid = key.gather(1, pos) < r
+        pos = key.topk(kmax, dim=1, largest=False).indices  # (GE, kmax)
+        valid = (key.gather(1, pos) < r) & (torch.arange(kmax, device=dev) < k_per_row.unsqueeze(1))
         # candidates: k distinct ones not in use, uniformly at random
-        draw = torch.rand(E, ad.num_candidates, generator=self._device_gen, device=dev)
+        draw = torch.rand(GE, bank.K, generator=self._device_gen, device=dev)
         draw.scatter_(1, index, 2.0)
-        cand = draw.topk(k, dim=1, largest=False).indices
-        valid &= (draw.gather(1, cand) < 2.0) & ok
-        new = ad.candidates(side, cand.view(*t.batch, k)).view(E, k, -1)  # (E, k, len)
-        s = ad.scale
-        # invalid slots (frozen-out, no candidate left, or a non-finite adapter) contribute exact
-        # zeros to W: masked with where(), since NaN * 0 would still be NaN
-        row_ok, col_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
+        cand = draw.topk(kmax, dim=1, largest=False).indices
+        valid &= (draw.gather(1, cand) < 2.0) & ok.unsqueeze(1)
+        new = bank.candidates(side, cand)  # (GE, kmax, cols | rows)
+        rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
+        As = [ad.A.view(E, r, cols) for ad in bank.adapters]
+        Bs = [ad.B.view(E, rows, r) for ad in bank.adapters]
+        a_idx = pos.unsqueeze(-1).expand(GE, kmax, cols).split(E)
+        b_idx = pos.unsqueeze(1).expand(GE, rows, kmax).split(E)
+        a_sel = torch.cat([A.gather(1, i) for A, i in zip(As, a_idx)])  # (GE, kmax, cols)
+        b_sel = torch.cat([B.gather(2, i) for B, i in zip(Bs, b_idx)])  # (GE, rows, kmax)
+        # invalid slots (frozen-out, beyond this adapter's count, no candidate left, non-finite
+        # adapter) contribute exact zeros: masked with where(), since NaN * 0 is still NaN
         if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c);  A[i] = c
-            a_idx = pos.unsqueeze(-1).expand(E, k, cols)
-            old = A.gather(1, a_idx)
-            b_cols = torch.where(col_ok, B.gather(2, pos.unsqueeze(1).expand(E, rows, k)), 0)
-            W.add_(s * torch.bmm(b_cols, torch.where(row_ok, old - new, 0)).to(W.dtype))
-            A.scatter_(1, a_idx, torch.where(row_ok, new, old))
+            factors = torch.where(cols_ok, b_sel, 0), torch.where(rows_ok, a_sel - new, 0)
+            new_rows = torch.where(rows_ok, new, a_sel).split(E)
+            for A, i, v in zip(As, a_idx, new_rows):
+                A.scatter_(1, i, v)
+            partner_states = bank.optimizer_states(self.optimizer, "B")
         else:  # W += s · (B[:, j] − d) ⊗ A[j];  B[:, j] = d
-            b_idx = pos.unsqueeze(1).expand(E, rows, k)
-            old = B.gather(2, b_idx)
-            a_rows = torch.where(row_ok, A.gather(1, pos.unsqueeze(-1).expand(E, k, cols)), 0)
-            W.add_(s * torch.bmm(torch.where(col_ok, old - new.transpose(1, 2), 0), a_rows).to(W.dtype))
-            B.scatter_(2, b_idx, torch.where(col_ok, new.transpose(1, 2), old))
+            new_t = new.transpose(1, 2)
+            factors = torch.where(cols_ok, b_sel - new_t, 0), torch.where(rows_ok, a_sel, 0)
+            new_cols = torch.where(cols_ok, new_t, b_sel).split(E)
+            for B, i, v in zip(Bs, b_idx, new_cols):
+                B.scatter_(2, i, v)
+            partner_states = bank.optimizer_states(self.optimizer, "A")
         index.scatter_(1, pos, torch.where(valid, cand, index.gather(1, pos)))
         fs = torch.full_like(pos, self.config.freeze_steps, dtype=partner_frozen.dtype)
         partner_frozen.scatter_(1, pos, torch.where(valid, fs, partner_frozen.gather(1, pos)))
-        if self.config.reset_vector_state:
-            self.optimizer.reset_vectors(partner, pos, valid)
+        if self.config.reset_vector_state and partner_states is not None:
+            keep = torch.ones(GE, r, device=dev).scatter_(1, pos, (~valid).float())  # 0 where reset
+            keep = keep.view(GE, r, 1) if side == SIDE_B else keep.view(GE, 1, r)  # partner's vector dim
+            for states in partner_states:  # exp_avg, exp_avg_sq, step: one foreach op each
+                torch._foreach_mul_(states, list(keep.to(states[0].dtype).split(E)))
         last = torch.where(valid, order.gather(1, pos), -1).amax(dim=1)
         ptr.copy_(torch.where(last >= 0, (ptr + last + 1) % r, ptr))
         self._switched[side] += valid.sum()
-        self._skipped += (~ok).to(torch.long) * k
+        self._skipped += (~ok).sum() * kmax
+        return factors
 
     def _store_candidates(self) -> None:
-        for ad in self.adapters:
-            K, batch = ad.num_candidates, ad.target.batch
-            every = torch.arange(K, device=ad.A.device).expand(*batch, K)
-            ad.register_buffer("stored_a", ad.generate_candidates(SIDE_A, every), persistent=False)
-            ad.register_buffer("stored_b", ad.generate_candidates(SIDE_B, every), persistent=False)
+        self._banks = None  # banks hold stacked tables; rebuilt on first use
 
     # -- ReLoRA ------------------------------------------------------------------------
     @torch.no_grad()
@@ -262,11 +280,96 @@ class Switcher:
             ad.seed = self.seed  # candidates are a function of the run's seed
             for key in _BOOKKEEPING:
                 getattr(ad, key).copy_(entry[key])
-        if isinstance(self.config, SwitchLoRA) and self.config.candidates == "stored":
-            self._store_candidates()
+        self._banks = None  # the seed may have changed: candidate keys and tables are rebuilt
 
     def detach(self) -> None:
         """Remove the hooks: the optimizer steps like a plain one again."""
         for h in self._hooks:
             h.remove()
         self.optimizer._dynlora_switcher = None
+
+
+class _Bank:
+    """Adapters of identical shape, rank, dtype and device, switched together.
+
+    Bookkeeping (in-use indices, freeze counters, pointers) is stacked to ``(G·E, r)`` / ``(G·E,)``
+    and each adapter's buffers are re-registered as views of it; A, B and W stay separate tensors
+    (one gather and one scatter per adapter per side; W absorbs with one foreach add)."""
+
+    def __init__(self, members: list[tuple[int, Adapter]], stored: bool):
+        self.positions = [i for i, _ in members]
+        self.adapters = [ad for _, ad in members]
+        first = self.adapters[0]
+        t = first.target
+        self.r, self.rows, self.cols, self.batch = t.rank, t.rows, t.cols, t.batch
+        self.E, self.G = math.prod(t.batch), len(self.adapters)
+        self.GE, self.K = self.E * self.G, first.num_candidates
+        self.device, self.p_dtype = first.A.device, first.A.dtype
+        self.w_dtype = first.A.dtype  # adapters are created in their weight's dtype
+        self.stacked: dict[str, torch.Tensor] = {}
+        for key in _BOOKKEEPING:
+            stacked = torch.stack([getattr(ad, key).reshape(self.E, -1) for ad in self.adapters])
+            stacked = stacked.reshape(self.GE, -1) if key.endswith(("index", "frozen")) else stacked.reshape(self.GE)
+            self.stacked[key] = stacked
+            for g, ad in enumerate(self.adapters):
+                ad._buffers[key] = stacked[g * self.E:(g + 1) * self.E].view(getattr(ad, key).shape)
+        self.a_index, self.b_index = self.stacked["a_index"], self.stacked["b_index"]
+        self.a_frozen, self.b_frozen = self.stacked["a_frozen"], self.stacked["b_frozen"]
+        self.a_ptr, self.b_ptr = self.stacked["a_ptr"], self.stacked["b_ptr"]
+        self.views = {id(ad): {k: ad._buffers[k] for k in _BOOKKEEPING} for ad in self.adapters}
+        self.base = torch.cat([ad.base_keys() for ad in self.adapters]).unsqueeze(1)  # (GE, 1)
+        self.bounds = {SIDE_A: torch.tensor([ad.bound_a for ad in self.adapters], device=self.device
+                                            ).repeat_interleave(self.E).view(self.GE, 1),
+                       SIDE_B: torch.tensor([ad.bound_b for ad in self.adapters], device=self.device
+                                            ).repeat_interleave(self.E).view(self.GE, 1)}
+        self.scale = torch.stack([ad.scale for ad in self.adapters]).repeat_interleave(self.E).view(self.GE, 1, 1)
+        self.tables: dict[int, torch.Tensor] = {}
+        if stored:  # every candidate, computed once: (GE, K, length) per side
+            every = torch.arange(self.K, device=self.device).expand(self.GE, self.K)
+            for side in (SIDE_A, SIDE_B):
+                self.tables[side] = self._generate(side, every)
+            for g, ad in enumerate(self.adapters):
+                sl = slice(g * self.E, (g + 1) * self.E)
+                ad.register_buffer("stored_a", self.tables[SIDE_A][sl].view(*self.batch, self.K, self.cols),
+                                   persistent=False)
+                ad.register_buffer("stored_b", self.tables[SIDE_B][sl].view(*self.batch, self.K, self.rows),
+                                   persistent=False)
+
+    def intact(self) -> bool:
+        return all(ad._buffers[k] is v for ad in self.adapters for k, v in self.views[id(ad)].items())
+
+    def _generate(self, side: int, index: torch.Tensor) -> torch.Tensor:
+        length = self.cols if side == SIDE_A else self.rows
+        return candidate_vectors(candidate_keys(self.base, side, index), length, self.bounds[side],
+                                 dtype=self.p_dtype)
+
+    def candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
+        table = self.tables.get(side)
+        if table is None:
+            return self._generate(side, index)
+        return table.gather(1, index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
+    def finite(self) -> torch.Tensor:
+        """(GE,) bool: the adapter's A, B and their gradients are all finite (two foreach ops)."""
+        tensors = [ad.A for ad in self.adapters] + [ad.B for ad in self.adapters]
+        norms = torch.stack(torch._foreach_norm(tensors)).view(2, self.G)
+        ok = torch.isfinite(norms).all(0)
+        grads = [p.grad for p in tensors if p.grad is not None]
+        if len(grads) == len(tensors):
+            ok &= torch.isfinite(torch.stack(torch._foreach_norm(grads)).view(2, self.G)).all(0)
+        return ok.repeat_interleave(self.E)
+
+    def weight_views(self, gm: DynLoRAModule) -> list[torch.Tensor]:
+        return [gm.model.get_parameter(ad.target.weight).view(self.E, self.rows, self.cols)
+                for ad in self.adapters]
+
+    def optimizer_states(self, optimizer: Any, which: str) -> list[list[torch.Tensor]] | None:
+        """[exp_avg list, exp_avg_sq list, step list] of the A (or B) factors, each viewed (E, ·, ·)."""
+        if not isinstance(optimizer, AdamW):
+            return None
+        params = [ad.A if which == "A" else ad.B for ad in self.adapters]
+        states = [optimizer.vector_state(p) for p in params]
+        out = []
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            out.append([st[key].view(self.E, *st[key].shape[-2:]) for st in states])
+        return out
