@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "median", "quantile",
+__all__ = ["code_version", "machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "median", "quantile",
            "human_bytes", "write_json", "markdown_table", "settle", "log"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -31,6 +31,21 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def log(msg: str) -> None:
     """One line of progress on stderr (results go to stdout)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def code_version(root: str | os.PathLike) -> dict[str, Any]:
+    """Git commit of ``root`` and the files that differ from it (numbers are of the working tree)."""
+    import subprocess
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    status = git("status", "--porcelain")
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit.strip() if commit else None,
+            "modified": [line[3:] for line in status.splitlines() if line.strip()] if status else []}
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:

@@ -73,7 +73,7 @@ import dynlora_fx as dl  # noqa: E402
 from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
 from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, current_rss, human_bytes, log, machine_info, markdown_table, max_rss,  # noqa: E402
+from _common import (RssSampler, code_version, current_rss, human_bytes, log, machine_info, markdown_table, max_rss,  # noqa: E402
                      median, quantile, settle, trim_heap, write_json)
 from reference_switching import ReferenceSwitcher  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
@@ -707,6 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     t_start = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(device),
+                              "code": code_version(HERE.parent),
                               "args": {k: v for k, v in vars(args).items() if k != "setting_list"},
                               "analytic": rate_analytics(args), "settings": []}
     cache_dir = None

@@ -138,7 +138,7 @@ class Switcher:
             ks = [counts[i] for i in bank.positions]
             if max(ks) == 0:
                 continue
-            k_per_row = torch.tensor(ks, device=bank.device).repeat_interleave(bank.E)
+            k_per_row = _host_to_device(ks, bank.device).repeat_interleave(bank.E)
             ok = bank.finite()
             left_a, right_a = self._switch_side(bank, SIDE_A, max(ks), k_per_row, ok)
             left_b, right_b = self._switch_side(bank, SIDE_B, max(ks), k_per_row, ok)
@@ -170,8 +170,8 @@ class Switcher:
         valid &= (draw.gather(1, cand) < 2.0) & ok.unsqueeze(1)
         new = bank.candidates(side, cand)  # (GE, kmax, cols | rows)
         rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
-        As = [ad.A.view(E, r, cols) for ad in bank.adapters]
-        Bs = [ad.B.view(E, rows, r) for ad in bank.adapters]
+        As = [a.view(E, r, cols) for a in bank.A]
+        Bs = [b.view(E, rows, r) for b in bank.B]
         a_idx = pos.unsqueeze(-1).expand(GE, kmax, cols).split(E)
         b_idx = pos.unsqueeze(1).expand(GE, rows, kmax).split(E)
         a_sel = torch.cat([A.gather(1, i) for A, i in zip(As, a_idx)])  # (GE, kmax, cols)
@@ -289,6 +289,14 @@ class Switcher:
         self.optimizer._dynlora_switcher = None
 
 
+def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the device's queue to drain."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _Bank:
     """Adapters of identical shape, rank, dtype and device, switched together.
 
@@ -306,6 +314,9 @@ class _Bank:
         self.GE, self.K = self.E * self.G, first.num_candidates
         self.device, self.p_dtype = first.A.device, first.A.dtype
         self.w_dtype = first.A.dtype  # adapters are created in their weight's dtype
+        self.A, self.B = [ad.A for ad in self.adapters], [ad.B for ad in self.adapters]
+        self._weights: list[torch.Tensor] | None = None
+        self._states: dict[str, tuple[tuple[int, ...], list[list[torch.Tensor]]]] = {}
         self.stacked: dict[str, torch.Tensor] = {}
         for key in _BOOKKEEPING:
             stacked = torch.stack([getattr(ad, key).reshape(self.E, -1) for ad in self.adapters])
@@ -351,7 +362,7 @@ class _Bank:
 
     def finite(self) -> torch.Tensor:
         """(GE,) bool: the adapter's A, B and their gradients are all finite (two foreach ops)."""
-        tensors = [ad.A for ad in self.adapters] + [ad.B for ad in self.adapters]
+        tensors = self.A + self.B
         norms = torch.stack(torch._foreach_norm(tensors)).view(2, self.G)
         ok = torch.isfinite(norms).all(0)
         grads = [p.grad for p in tensors if p.grad is not None]
@@ -360,16 +371,21 @@ class _Bank:
         return ok.repeat_interleave(self.E)
 
     def weight_views(self, gm: DynLoRAModule) -> list[torch.Tensor]:
-        return [gm.model.get_parameter(ad.target.weight).view(self.E, self.rows, self.cols)
-                for ad in self.adapters]
+        if self._weights is None:
+            self._weights = [gm.model.get_parameter(ad.target.weight) for ad in self.adapters]
+        return [w.view(self.E, self.rows, self.cols) for w in self._weights]
 
     def optimizer_states(self, optimizer: Any, which: str) -> list[list[torch.Tensor]] | None:
-        """[exp_avg list, exp_avg_sq list, step list] of the A (or B) factors, each viewed (E, ·, ·)."""
+        """[exp_avg list, exp_avg_sq list, step list] of the A (or B) factors, each viewed (E, ·, ·);
+        cached until the optimizer's state tensors are replaced (e.g. by load_state_dict)."""
         if not isinstance(optimizer, AdamW):
             return None
-        params = [ad.A if which == "A" else ad.B for ad in self.adapters]
+        params = self.A if which == "A" else self.B
         states = [optimizer.vector_state(p) for p in params]
-        out = []
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            out.append([st[key].view(self.E, *st[key].shape[-2:]) for st in states])
-        return out
+        ids = tuple(id(st["exp_avg"]) for st in states)
+        cached = self._states.get(which)
+        if cached is None or cached[0] != ids:
+            views = [[st[key].view(self.E, *st[key].shape[-2:]) for st in states]
+                     for key in ("exp_avg", "exp_avg_sq", "step")]
+            cached = self._states[which] = (ids, views)
+        return cached[1]
