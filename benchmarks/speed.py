@@ -15,6 +15,12 @@ Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
 - ``switchlora-reference``  dl.SwitchLoRA(candidates="stored") switched by the per-vector
                             Python loop of ``reference_switching.ReferenceSwitcher``
 
+Adapter configs keep ``form="auto"`` and get ``tokens_per_step`` = the setting's batch x seq,
+so the library picks each weight's form as it would for a user; the forms it chose are listed.
+Compiled variants use ``dynamic=False``; compile time is the first step minus the median step,
+with Inductor's FX-graph / AOTAutograd caches off and an empty kernel cache (``--compile-cache``
+to allow them).
+
 Switching is measured at its *peak* rate: every run gets ``total_steps = 10**6`` so that
 rate(t) stays ~1 during the measured steps (r / interval vectors per side per adapter per
 step). For the run average, the switcher's hooks are also timed at a grid of positions
@@ -73,8 +79,8 @@ import dynlora_fx as dl  # noqa: E402
 from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
 from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, code_version, current_rss, human_bytes, log, machine_info, markdown_table, max_rss,  # noqa: E402
-                     median, quantile, settle, trim_heap, write_json)
+from _common import (RssSampler, code_version, current_rss, human_bytes, log, machine_info,  # noqa: E402
+                     markdown_table, max_rss, median, quantile, settle, trim_heap, write_json)
 from reference_switching import ReferenceSwitcher  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
 
@@ -86,7 +92,8 @@ RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------------
 # variants
 # ---------------------------------------------------------------------------------------------
-def method_config(method: str, rank: int, form: str = "auto", tokens: int | None = None) -> dl.SwitchLoRA | dl.LoRA | None:
+def method_config(method: str, rank: int, form: str = "auto",
+                  tokens: int | None = None) -> dl.SwitchLoRA | dl.LoRA | None:
     """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model
     where the library has one (``tokens_per_step``)."""
     if method == "full-rank":
@@ -141,7 +148,8 @@ def _time_hooks(v: Variant, device: torch.device) -> None:
 
 
 def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tensor, args: argparse.Namespace,
-                  device: torch.device, rank: int | None = None, form: str = "auto", label: str | None = None) -> Variant:
+                  device: torch.device, rank: int | None = None, form: str = "auto",
+                  label: str | None = None) -> Variant:
     rank = args.rank if rank is None else rank
     model = build_model(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
     config = method_config(method, rank, form, tokens=example.numel())
@@ -213,7 +221,9 @@ def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
             "pre": v.hook_s["pre"] - pre0, "post": v.hook_s["post"] - post0}
 
 
-def make_batches(batch: int, seq: int, n: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(batch: int, seq: int, n: int, seed: int,
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded random byte batches (x, y), y = x shifted by one: content does not matter for speed."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -273,7 +283,7 @@ def timed_rounds(variants: list[Variant], batches: list, rounds: int, per_round:
         if v.switcher is not None:
             v.info["switched_before"] = v.switcher.num_switched()
             v.info["switch_step_first"] = v.switcher.step
-    for r in range(rounds):
+    for r in range(rounds if variants else 0):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # rotate who goes first
             for _ in range(per_round):
@@ -530,7 +540,8 @@ def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
         state = human_bytes(r["state_bytes"]) + (f" (+{human_bytes(extra)} tables)" if extra else "")
         forms = r.get("adapter_forms") or {}
         mem.append([
-            r["method"], r["mode"], " + ".join(f"{n} {f[:3]}" for f, n in forms.items()) or "–", state, _f(r.get("state_vs_full"), ".2f", "x"),
+            r["method"], r["mode"], " + ".join(f"{n} {f[:3]}" for f, n in forms.items()) or "–", state,
+            _f(r.get("state_vs_full"), ".2f", "x"),
             human_bytes(r["rss_delta"]), human_bytes(r["rss_peak_delta"]), f"{r['build_s']:.2f}",
             _f(r.get("compile_s"), ".1f"), str(r.get("recompiles_during_timing", "–")),
             _f(r.get("switched_per_adapter_step"), ".2f") if has_sw else "–",
@@ -545,6 +556,12 @@ def form_rows(fs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              f"{x['ratio_weight_vs_activation']:.2f}", f"{x['ratio_fwd_bwd']:.2f}", f"{x['predicted_ratio_extra']:.2f}"]
             for x in sorted(fs["rows"], key=lambda x: (x["rank"], x["tokens_per_step"]))]
     return h, rows
+
+
+def _crossover_note(c: dict[str, Any]) -> str:
+    pred = c["predicted_tokens"]
+    return (f"{c['note']}; the multiply-add count predicts "
+            + (f"a crossover at ~{pred:.0f} tokens/step" if pred else "the activation form cheaper at every size"))
 
 
 def print_report(result: dict[str, Any], markdown: bool) -> None:
@@ -571,9 +588,7 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             print("**Adapter form: weight-space vs activation branch (SwitchLoRA, eager)**\n")
             print(markdown_table(fh, fr, ["r"] * len(fh)) + "\n")
             for r, c in result["form_sweep"]["crossover"].items():
-                pred = c["predicted_tokens"]
-                print(f"- rank {r}: {c['note']}; MAC count predicts "
-                      f"{'a crossover at ~%.0f tokens/step' % pred if pred else 'activation cheaper at every size'}")
+                print(f"- rank {r}: {_crossover_note(c)}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -601,9 +616,7 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             t.add_row(*row)
         console.print(t)
         for r, c in result["form_sweep"]["crossover"].items():
-            pred = c["predicted_tokens"]
-            console.print(f"rank {r}: {c['note']}; MAC count predicts "
-                          f"{'a crossover at ~%.0f tokens/step' % pred if pred else 'activation cheaper at every size'}")
+            console.print(f"rank {r}: {_crossover_note(c)}")
 
 
 # ---------------------------------------------------------------------------------------------

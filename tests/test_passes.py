@@ -144,8 +144,11 @@ def test_auto_form_follows_the_cost_model():
     act, wt = adapter_costs(256, 256, 64, 384)
     assert act == wt  # the documented crossover, T = 1.5·d at r = d/4
     assert choose_form("auto", False, 256, 256, 64, 16) == "weight"  # no branch possible
-    few = dl.transform(MLP(), (torch.randn(2, 8),), dl.SwitchLoRA(rank=2, tokens_per_step=4))
-    many = dl.transform(MLP(), (torch.randn(2, 8),), dl.SwitchLoRA(rank=2, tokens_per_step=4096))
+    assert choose_form("auto", True, 256, 256, 16, 1024) == "activation"  # skinny r=16: crossover ~1,800
+    assert choose_form("auto", True, 256, 256, 16, 4096) == "weight"
+    square = nn.Sequential(nn.Linear(256, 256))
+    few = dl.transform(square, (torch.randn(2, 256),), dl.SwitchLoRA(rank=64, tokens_per_step=16))
+    many = dl.transform(square, (torch.randn(2, 256),), dl.SwitchLoRA(rank=64, tokens_per_step=4096))
     assert {a.form for a in dl.adapters(few)} == {"activation"}
     assert {a.form for a in dl.adapters(many)} == {"weight"}
 

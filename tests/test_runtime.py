@@ -40,7 +40,7 @@ def build(seed=0, **cfg):
     model = Block()
     x = torch.randn(16, 32)
     config = dl.SwitchLoRA(rank=cfg.pop("rank", 8), seed=seed,
-                           **{"interval": 10, "freeze_steps": 2, "tokens_per_step": x.shape[0], **cfg})
+                           **{"interval": 10, "freeze_steps": 2, "form": "activation", **cfg})
     return dl.transform(model, (x,), config), x
 
 
@@ -272,14 +272,12 @@ def test_lora_and_relora_on_the_same_machinery():
     assert torch.count_nonzero(ad.B) == 0 and torch.count_nonzero(opt.state[ad.A]["exp_avg"]) <= 1
     assert not torch.equal(gm.model.up.weight, w0)
     seen = []
-    for _ in range(3):
-        opt.param_groups[0]["lr"] = 1e-2
-        pre = [g["lr"] for g in opt.param_groups]
-        run(gm, opt, x, 1, target)
-        seen.append(pre[0])
-    assert sw.step == 7 and before.shape == (16, 32)
-    assert opt.param_groups[0]["lr"] == 1e-2  # the multiplier is applied around the step only
-
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))  # runs after the switcher's
+    run(gm, opt, x, 3, target)
+    assert seen == pytest.approx([0.5e-2, 1e-2, 1e-2])  # jagged restart: warm-up 2 steps after the reset
+    assert opt.param_groups[0]["lr"] == 1e-2 and sw.step == 7  # the multiplier is applied around the step only
+    with torch.no_grad():
+        assert before.shape == gm(x).shape
 
 def test_hooks_run_once_per_step_even_after_a_stock_adamw_exists():
     torch.optim.AdamW([nn.Parameter(torch.zeros(1))])  # makes torch wrap AdamW.step with its hook runner

@@ -2,7 +2,7 @@
 
 Activation branch (linear / ungrouped conv, weight read directly)::
 
-    y = op(x, W, b)  ->  y + s · op_B(op_A(x))        op_A uses A as an (r, in, *k) kernel
+    y = op(x, W, b)  ->  y + op_B(s · op_A(x))        op_A uses A as an (r, in, *k) kernel
 
 Weight-space form (everything else: the weight read is replaced where it happens)::
 
@@ -47,9 +47,11 @@ def _insert_branch(graph: fx.Graph, consumer: fx.Node, target: Target, prefix: s
         a = tag(graph.get_attr(f"{prefix}.A"), "A")
         b = tag(graph.get_attr(f"{prefix}.B"), "B")
         s = tag(graph.get_attr(f"{prefix}.scale"), "scale")
+        # s multiplies the rank-r intermediate, the smallest tensor on the branch
         if name == "linear":
             h = tag(graph.call_function(_aten.linear.default, (x, a)), "down")
-            up = tag(graph.call_function(_aten.linear.default, (h, b)), "up")
+            scaled = tag(graph.call_function(_aten.mul.Tensor, (h, s)), "scaled")
+            up = tag(graph.call_function(_aten.linear.default, (scaled, b)), "up")
         else:
             fn = _CONV_FN[name]
             kernel = target.shape[1:]
@@ -57,11 +59,11 @@ def _insert_branch(graph: fx.Graph, consumer: fx.Node, target: Target, prefix: s
             h = tag(graph.call_function(fn, (x, a_k, None, _arg(consumer, 3, "stride", 1),
                                              _arg(consumer, 4, "padding", 0), _arg(consumer, 5, "dilation", 1), 1)),
                     "down")
+            scaled = tag(graph.call_function(_aten.mul.Tensor, (h, s)), "scaled")
             ones = [1] * (len(kernel) - 1)
             b_k = tag(graph.call_function(_aten.view.default, (b, [target.rows, target.rank, *ones])), "up_kernel")
-            up = tag(graph.call_function(fn, (h, b_k)), "up")
-        scaled = tag(graph.call_function(_aten.mul.Tensor, (up, s)), "scaled")
-        out = tag(graph.call_function(_aten.add.Tensor, (consumer, scaled)), "output")
+            up = tag(graph.call_function(fn, (scaled, b_k)), "up")
+        out = tag(graph.call_function(_aten.add.Tensor, (consumer, up)), "output")
     consumer.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
 

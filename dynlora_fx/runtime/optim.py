@@ -94,26 +94,25 @@ class AdamW(torch.optim.AdamW):
         return loss
 
     def _vector_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """AdamW with per-vector step counts, in place. Frozen vectors have zero gradient (the
+        switcher zeroes it) and a zero ``active`` weight: moments, step and value stay put."""
         dim, frozen_of = self._vectors[id(p)]
-        frozen = frozen_of()
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         state = self.vector_state(p)
         step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        active = (frozen == 0).unsqueeze(-1 if dim == -2 else -2)  # broadcastable to p
-        grad = p.grad
-        step.add_(active.to(step.dtype))
-        new_p = p * (1 - lr * wd)
-        new_m = m.lerp(grad, 1 - beta1)
-        new_v = v * beta2 + (1 - beta2) * grad * grad
-        step64 = step.to(torch.float64).clamp_min(1.0)
-        bc1 = (1 - beta1 ** step64).to(p.dtype)
-        bc2_sqrt = (1 - beta2 ** step64).sqrt().to(p.dtype)
-        denom = new_v.sqrt() / bc2_sqrt + eps
-        new_p = new_p + (-(lr / bc1) * new_m) / denom
-        p.copy_(torch.where(active, new_p, p))
-        m.copy_(torch.where(active, new_m, m))
-        v.copy_(torch.where(active, new_v, v))
+        active = (frozen_of() == 0).unsqueeze(-1 if dim == -2 else -2).to(p.dtype)  # one entry per vector
+        grad = p.grad * active  # frozen vectors see exactly zero, whatever the caller left there
+        step.add_(active)
+        if wd:
+            p.mul_(1 - lr * wd * active)
+        m.lerp_(grad, (1 - beta1) * active)
+        v.mul_(1 - (1 - beta2) * active).addcmul_(grad, grad, value=1 - beta2)
+        t = step.clamp_min(1.0).double()  # per-vector bias corrections, on (.., r, 1)-sized tensors
+        step_size = (lr / (1 - beta1 ** t)).to(p.dtype) * active
+        bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype)
+        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+        p.sub_(m.div(denom).mul_(step_size))
 
     @torch.no_grad()
     def reset_vectors(self, param: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> None:

@@ -216,14 +216,11 @@ class Switcher:
             weight = self.gm.model.get_parameter(ad.target.weight)
             weight.add_(ad.delta().to(weight.dtype))
             ad.reset_parameters(self.seed, self.config.init, round_=self._relora_round)
-            for p in (ad.A, ad.B):
+            for p in (ad.A, ad.B):  # prune the adapters' optimizer state by magnitude
                 for key in ("exp_avg", "exp_avg_sq"):
                     buf = self.optimizer.state.get(p, {}).get(key)
-                    if buf is not None and self.config.prune_ratio > 0:
-                        mag = buf.abs().flatten()
-                        keep = max(0, int(round(mag.numel() * (1 - self.config.prune_ratio))))
-                        thresh = mag.kthvalue(mag.numel() - keep).values if keep else mag.max() + 1
-                        buf.mul_(buf.abs() >= thresh) if keep else buf.zero_()
+                    if buf is not None:
+                        _prune_smallest(buf, self.config.prune_ratio)
 
     # -- reporting, state ------------------------------------------------------------------
     def num_switched(self) -> tuple[int, int]:
@@ -287,6 +284,17 @@ class Switcher:
         for h in self._hooks:
             h.remove()
         self.optimizer._dynlora_switcher = None
+
+
+def _prune_smallest(buf: torch.Tensor, ratio: float) -> None:
+    """Zero the ``ratio`` fraction of entries of smallest magnitude (ReLoRA's state pruning)."""
+    n = buf.numel()
+    drop = int(round(n * ratio))
+    if drop >= n:
+        buf.zero_()
+    elif drop > 0:
+        threshold = buf.abs().flatten().kthvalue(drop).values
+        buf.mul_(buf.abs() > threshold)
 
 
 def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
