@@ -12,7 +12,7 @@ Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
 - ``lora``                  dl.LoRA, torch.optim.AdamW
 - ``switchlora-seeded``     dl.SwitchLoRA(candidates="seeded"), dl.AdamW + dl.attach
 - ``switchlora-stored``     dl.SwitchLoRA(candidates="stored"), dl.AdamW + dl.attach
-- ``switchlora-reference``  dl.SwitchLoRA(candidates="stored") switched by the per-vector
+- ``switchlora-reference``  dl.SwitchLoRA switched by the per-vector
                             Python loop of ``reference_switching.ReferenceSwitcher``
 
 Adapter configs keep ``form="auto"`` and get ``tokens_per_step`` = the setting's batch x seq,
@@ -103,7 +103,8 @@ def method_config(method: str, rank: int, form: str = "auto",
     if tokens is not None and "tokens_per_step" in {f.name for f in dataclasses.fields(cls)}:
         kwargs["tokens_per_step"] = tokens
     if cls is dl.SwitchLoRA:
-        kwargs["candidates"] = "seeded" if method == "switchlora-seeded" else "stored"
+        # the reference keeps its own stored tables, so its config must not store a second copy
+        kwargs["candidates"] = "stored" if method == "switchlora-stored" else "seeded"
     return cls(**kwargs)
 
 
@@ -179,9 +180,10 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
         v.info["adapters"] = len(infos)
         v.info["adapter_forms"] = {f: sum(a.form == f for a in infos) for f in sorted({a.form for a in infos})}
         v.info["trainable_params"] = sum(p.numel() for p in inner.parameters() if p.requires_grad)
-    if isinstance(switcher, ReferenceSwitcher):  # its own copy of every candidate table
+    if isinstance(switcher, ReferenceSwitcher):  # its stored candidate tables are part of its state
         v.info["reference_tables_bytes"] = sum(t.numel() * t.element_size()
                                                for pair in switcher.tables.values() for t in pair)
+        v.info["state_bytes"] += v.info["reference_tables_bytes"]
     return v
 
 
@@ -537,7 +539,7 @@ def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
             _f(r.get("compiled_vs_eager"), ".2f", "x"),
         ])
         extra = r.get("reference_tables_bytes")
-        state = human_bytes(r["state_bytes"]) + (f" (+{human_bytes(extra)} tables)" if extra else "")
+        state = human_bytes(r["state_bytes"]) + (f" (incl. {human_bytes(extra)} tables)" if extra else "")
         forms = r.get("adapter_forms") or {}
         mem.append([
             r["method"], r["mode"], " + ".join(f"{n} {f[:3]}" for f, n in forms.items()) or "–", state,
@@ -750,8 +752,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "at the peak switching rate (total_steps = benchmark_total_steps).",
         "switch ms run avg: pre-hook median + post-hook time integrated over run positions x = t/T.",
         "state: parameters + gradients + AdamW moments of trained tensors, storage of frozen ones, stored "
-        "candidate buffers; the reference switcher keeps one more copy of the candidate tables "
-        "(reference_tables_bytes), not included in state.",
+        "candidate buffers; for the reference switcher, its own stored candidate tables "
+        "(reference_tables_bytes, included in state).",
         "RSS deltas are process-wide: measured while each variant was built and warmed up, after a heap trim.",
         "compile s: first step minus the median step; Inductor's FX-graph and AOTAutograd caches are off and its "
         "kernel cache starts empty (unless --compile-cache), but later variants may reuse kernels compiled for "
