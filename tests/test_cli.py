@@ -66,7 +66,7 @@ def mlp_file(tmp_path):
 
 def test_dry_run_and_json_report(mlp_file, tmp_path):
     report_path = tmp_path / "r.json"
-    code, out, err = cli(mlp_file, "--rank", "2", "--dry-run", "--json", report_path)
+    code, out, err = cli(mlp_file, "--rank", "2", "--form", "activation", "--dry-run", "--json", report_path)
     assert code == 0, err
     assert "Adapted weights (2)" in out and "0.weight" in out and "activation" in out
     report = json.loads(report_path.read_text())
