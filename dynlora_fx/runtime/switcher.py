@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors, project_generator
 from ..config import ReLoRA, SwitchLoRA
