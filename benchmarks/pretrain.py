@@ -32,12 +32,14 @@ every method. Full-rank is swept exactly like the others.
 Presets (``--preset``):
 
     smoke    seconds: 2 layers, d=64, rank 16, batch 4x64, 10 steps, 2-value sweep of 2 steps
-    default  4 layers, d=192, 6 heads, rank 48, batch 16x128, 600 steps, 3-value sweeps of
-             100 steps, 1 seed. Sizing: on 2 uncontended CPU cores (AMD EPYC, AVX-512,
-             torch 2.14.1, flush-denormal on) a full-rank step takes ~0.25 s and the adapter
-             methods ~0.3 s, an evaluation (8 batches 16x128) ~0.6 s. 15 sweep runs x 100 steps
-             + 6 runs x 600 steps + evaluations ~ 6000 steps ~ 25-30 min. ``--seeds 2`` adds
-             ~18 min. (Measured numbers: see the report of the run; the step time is in the JSON.)
+    default  4 layers, d=192, 6 heads (1.87 M params), rank 48 on all 29 projections incl.
+             lm_head, batch 16x128 bytes, 600 steps, 3-value sweeps of 100 steps, 1 seed:
+             15 x 100 sweep steps + 6 x 600 final steps = 5100 steps + ~93 evaluations.
+             Measured (AMD EPYC, AVX-512, torch 2.14.1 CPU, flush-denormal, 2 threads on a machine
+             where other jobs left ~1 effective core): 0.40 s/step galore, 0.41 full, 0.43 relora,
+             0.445 lora, 0.45 switchlora, 0.47 switchlora-stored; an evaluation (8 x 16x128) 1.0-1.4 s
+             -> ~38 min. On 2 uncontended cores a full-rank step took 0.21 s -> estimate ~20-25 min.
+             ``--seeds 2`` adds 3600 steps (~15 min uncontended, ~26 min at 1 core).
     gpu      8 layers, d=512, rank 128, batch 32x256, 3000 steps, on CUDA
 
 The rank must bind: plain LoRA should end clearly (>= 2 %) worse than well-tuned full-rank;
@@ -59,6 +61,13 @@ with ``--keep-denormals``).
 
 from __future__ import annotations
 
+import os
+
+# Sleep, don't spin, in OpenMP barriers: on a shared 2-core machine spinning threads that wait
+# for a descheduled sibling made a 2-thread run ~20x slower (smoke preset: 178 s vs 10 s).
+# Must be set before torch loads its OpenMP runtime; an explicit setting is respected.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import dataclasses
@@ -66,7 +75,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -122,6 +130,7 @@ class Preset:
     galore_update_proj_gap: int = 200
     galore_scale: float = 0.25
     device: str = "cpu"
+    threads: int | None = None  # torch.set_num_threads; None = torch's default
 
 
 # Grids: three values per family, a factor 2 apart, centred on each family's optimum in
@@ -141,7 +150,7 @@ PRESETS = {
     "smoke": Preset("smoke", n_layers=2, dim=64, n_heads=2, rank=16, batch_size=4, seq_len=64, steps=10,
                     eval_every=5, val_batches=2, warmup_frac=0.2, seeds=1, sweep_steps=2,
                     grids={"full": [4e-3, 8e-3], **{f: [8e-3, 1.6e-2] for f in FAMILIES[1:]}},
-                    galore_update_proj_gap=5),
+                    galore_update_proj_gap=5, threads=1),
     "default": Preset("default", n_layers=4, dim=192, n_heads=6, rank=48, batch_size=16, seq_len=128, steps=600,
                       eval_every=50, val_batches=8, seeds=1, sweep_steps=100, grids=dict(_GRIDS)),
     "gpu": Preset("gpu", n_layers=8, dim=512, n_heads=8, rank=128, batch_size=32, seq_len=256, steps=3000,
@@ -414,7 +423,7 @@ def _kv(items: list[str], what: str, many: bool) -> dict[str, Any]:
 
 def resolve(args: argparse.Namespace) -> tuple[Preset, list[str], dict[str, float]]:
     p = copy.deepcopy(PRESETS[args.preset])
-    for name in ("seeds", "steps", "sweep_steps", "lr_other", "rank", "eval_every", "device"):
+    for name in ("seeds", "steps", "sweep_steps", "lr_other", "rank", "eval_every", "device", "threads"):
         if getattr(args, name) is not None:
             setattr(p, name, getattr(args, name))
     if p.steps < 1 or p.seeds < 1 or p.sweep_steps < 0:
@@ -443,9 +452,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console = Console(stderr=True, quiet=args.quiet, width=max(120, Console(stderr=True).width))
     if not args.keep_denormals:
         torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if p.threads:
+        torch.set_num_threads(p.threads)
     started = time.time()
+    load_start = _loadavg()
     t_all = time.perf_counter()
     bench = Bench(p, args, console)
     warnings_: list[str] = []
@@ -559,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "device": str(bench.device), "flush_denormal": not args.keep_denormals,
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                        "loadavg_1min_start_end": [load_start, _loadavg()],
                         "galore_import": galore_import, "corpus": {k: bench.corpus.meta.get(k) for k in
                                                                     ("train_bytes", "val_bytes", "python_version")}},
         "settings": {**{k: v for k, v in dataclasses.asdict(p).items() if k != "grids"},

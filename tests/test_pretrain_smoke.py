@@ -58,7 +58,8 @@ def test_every_method_ran_and_learned(smoke):
     report, _, _ = smoke
     steps = report["settings"]["steps"]
     for name, entry in report["methods"].items():
-        if name == "galore" and not _galore_installed():
+        if name == "galore" and (not _galore_installed() or entry["status"].startswith("skipped")):
+            # only GaLore may be skipped, and only for want of (an importable) galore-torch
             assert entry["status"] == "skipped: galore-torch not installed"
             continue
         assert entry["status"] == "ok", (name, entry["status"])
