@@ -668,6 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero (on x86 CPUs they slow some steps 5-20x and "
+                        "make timings erratic; see benchmarks/pretrain.py)")
     args = p.parse_args(argv)
 
     q = args.quick
@@ -719,6 +722,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.keep_denormals:
+        torch.set_flush_denormal(True)
     device = torch.device(args.device)
     t_start = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "speed", "machine": machine_info(device),

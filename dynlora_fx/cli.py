@@ -260,6 +260,9 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     from .training import Trainer, TrainSettings, default_model_inputs, skip
 
     path = args.model_file
+    # Near-zero AdamW moments and probabilities become denormal floats, which x86 CPUs process
+    # 5-20x slower (measured in benchmarks/pretrain.py); the CLI owns its process, so flush them.
+    torch.set_flush_denormal(True)
     for fn in ("batches", "loss_fn"):
         if not callable(getattr(user, fn, None)):
             raise DynLoRAError(path, f"--train needs {fn}() in the model file",

@@ -38,20 +38,25 @@ def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> f
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _is_matrix(name: str, p: torch.Tensor, adapted: bool) -> bool:
+def _matrix_ids(module: nn.Module, adapted: bool) -> set[int]:
+    """Parameters the method is about: adapter factors, or (full-rank) every parameter of >= 2
+    dims that is not an embedding table (tied heads included, as the pass skips those too)."""
+    from .module import Adapter
+
     if adapted:
-        return name.split(".")[0] == "adapters" or ".adapters." in name
-    return p.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name
+        return {id(p) for m in module.modules() if isinstance(m, Adapter) for p in (m.A, m.B)}
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    return {id(p) for p in module.parameters() if p.dim() >= 2 and id(p) not in tables}
 
 
 def make_optimizer(module: nn.Module, config: AdapterConfig | None, settings: TrainSettings) -> torch.optim.Optimizer:
     """AdamW with two groups: the matrices the method is about (adapters, or every non-embedding
     matrix for full-rank) at ``lr``, everything else trained at ``lr_other``."""
-    adapted = config is not None
+    chosen = _matrix_ids(module, config is not None)
     matrices, others = [], []
-    for name, p in module.named_parameters():
+    for p in {id(q): q for q in module.parameters()}.values():
         if p.requires_grad:
-            (matrices if _is_matrix(name, p, adapted) else others).append(p)
+            (matrices if id(p) in chosen else others).append(p)
     groups = [{"params": matrices, "lr": settings.lr},
               {"params": others, "lr": settings.lr if settings.lr_other is None else settings.lr_other}]
     groups = [g for g in groups if g["params"]]
@@ -154,6 +159,10 @@ def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
     for name, b in module.named_buffers():
         if name.rsplit(".", 1)[-1] in ("stored_a", "stored_b"):
             total += b.numel() * b.element_size()
+    from .module import DynLoRAModule
+
+    if isinstance(module, DynLoRAModule) and module.config.switching:  # dl.AdamW's per-vector steps
+        total += sum(2 * (ad.A.numel() // ad.target.cols) * 4 for ad in module.iter_adapters())
     return total
 
 
