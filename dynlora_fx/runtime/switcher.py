@@ -2,11 +2,11 @@
 
 After every ``optimizer.step()`` it (SwitchLoRA) counts down freezes, then switches
 ``r / interval(t)`` rows of each ``A`` and as many columns of each ``B`` to fresh
-candidates, folding the difference into ``W`` so the function is unchanged; before
-every step it zeroes the gradients of frozen vectors. Counts come from a CPU
-generator (identical on every rank); positions and candidates are chosen on the
-device by batched ops, with no host-device synchronisation. ReLoRA merges and
-re-initialises instead; LoRA does nothing.
+candidates, folding the difference into ``W`` so the function is unchanged; frozen
+vectors get no update (``dl.AdamW`` masks their gradients by the freeze counters).
+Counts come from a CPU generator (identical on every rank); positions and candidates
+are chosen on the device by batched ops, with no host-device synchronisation. ReLoRA
+merges and re-initialises instead; LoRA does nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Switcher:
                              "pass the number of optimizer steps the run will take")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.adapters: list[Adapter] = gm.iter_adapters()
+        if not self.adapters:
+            raise StateError("dl.attach", "the module has no adapters (was it merged?)",
+                             "attach to the module dl.transform returned, before dl.merge")
         missing = [a.target.weight for a in self.adapters if id(a.A) not in held or id(a.B) not in held]
         if missing:
             raise StateError("dl.attach", f"the optimizer does not hold the adapters of {missing[:3]}"
@@ -81,14 +84,8 @@ class Switcher:
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if isinstance(self.config, SwitchLoRA):
-            with torch.no_grad():
-                for ad in self.adapters:  # frozen vectors get zero gradient
-                    if ad.A.grad is not None:
-                        ad.A.grad.mul_((ad.a_frozen == 0).unsqueeze(-1))
-                    if ad.B.grad is not None:
-                        ad.B.grad.mul_((ad.b_frozen == 0).unsqueeze(-2))
-        elif isinstance(self.config, ReLoRA):
+        # SwitchLoRA needs nothing here: dl.AdamW masks frozen vectors' gradients itself
+        if isinstance(self.config, ReLoRA):
             mult = relora_lr_multiplier(self.step, self.config.reset_every, self.config.warmup)
             self._saved_lr = [g["lr"] for g in optimizer.param_groups]
             for g in optimizer.param_groups:
