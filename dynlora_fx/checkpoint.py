@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .errors import StateError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "write_bundle", "ensure_writable_dir"]
+__all__ = ["save_checkpoint", "load_checkpoint", "write_bundle", "ensure_writable_dir", "ensure_parent"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -33,6 +33,11 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
         raise StateError(f"{what} {p}", f"cannot write there ({exc.strerror or exc})",
                          "pass a folder you can write to") from None
     return p
+
+
+def ensure_parent(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder a file will be written to; a DynLoRAError if that is impossible."""
+    return ensure_writable_dir(Path(path).absolute().parent, f"{what} {path}: folder")
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -184,10 +184,13 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     from .console import plan_tables, summary_table
 
     t0 = time.perf_counter()
-    if args.out:
-        from .checkpoint import ensure_writable_dir
+    from .checkpoint import ensure_parent, ensure_writable_dir
 
+    if args.out:  # fail on a bad path now, not after training
         ensure_writable_dir(args.out, "--out")
+    for flag, value in (("--onnx", args.onnx), ("--json", args.json)):
+        if value:
+            ensure_parent(value, flag)
     if args.resume and not args.out:
         raise DynLoRAError("--resume", "it needs the --out folder the checkpoint was written to",
                            "pass --out DIR together with --resume")

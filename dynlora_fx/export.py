@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .api import merge
+from .checkpoint import ensure_parent
 from .errors import DynLoRAError
 from .module import unwrap
 
@@ -53,10 +54,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     kwargs = dict(example_kwargs or {})
     merged = merge(unwrap(module)).eval()
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.access(parent, os.W_OK):
-        raise DynLoRAError(f"ONNX path {path}", "its folder does not exist or is not writable",
-                           "pass a path in a writable folder")
+    ensure_parent(path, "ONNX path")
     program, dynamic = None, True
     errors = []
     for dyn in (True, False):  # a dynamic batch axis where the model allows one

@@ -178,3 +178,10 @@ def test_examples_export_onnx_matching_merged_model(example, tmp_path):
     assert code == 0, err
     onnx_report = json.loads(report.read_text())["onnx"]
     assert onnx_report["max_rel_error"] < 1e-4 and onnx_report["dynamic_batch"]
+
+
+def test_output_folders_are_created_and_bad_ones_fail_before_work(mlp_file, tmp_path):
+    code, _, err = cli(mlp_file, "--rank", "2", "--dry-run", "--json", tmp_path / "new" / "deeper" / "r.json")
+    assert code == 0 and (tmp_path / "new" / "deeper" / "r.json").exists(), err
+    code, out, err = cli(mlp_file, "--rank", "2", "--onnx", "/proc/dynlora/x.onnx")
+    assert code == 1 and "--onnx" in err and "cannot write there" in err and "capturing" not in err
