@@ -178,6 +178,11 @@ def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
             raise
         print(f"dynlora-transform: error: {exc}", file=stderr)
         return 1
+    except KeyboardInterrupt:  # outside training (which handles its own): nothing written yet
+        if args.debug:
+            raise
+        print("dynlora-transform: interrupted", file=stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
