@@ -154,16 +154,19 @@ def test_subprocess_run_and_debug_traceback(mlp_file, tmp_path):
 def test_ctrl_c_keeps_last_checkpoint_resumable(mlp_file, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: a full pipe would block the child
     proc = subprocess.Popen([sys.executable, "-m", "dynlora_fx.cli", str(mlp_file), "--rank", "2", "--train",
                              "100000", "--checkpoint-every", "5", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=REPO)
     ckpt = out / "checkpoint.pt"
     deadline = time.time() + 300  # a loaded CI machine can take long to import torch and transform
-    while not ckpt.exists() and time.time() < deadline:
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=300)
+    log.seek(0)
+    err = log.read()
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     state = torch.load(ckpt, weights_only=False)
