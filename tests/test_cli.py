@@ -155,16 +155,23 @@ def test_ctrl_c_keeps_last_checkpoint_resumable(mlp_file, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: a full pipe would block the child
+    # a shell running this suite in the background starts children with SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: restore the default disposition, as a terminal has it
     proc = subprocess.Popen([sys.executable, "-m", "dynlora_fx.cli", str(mlp_file), "--rank", "2", "--train",
                              "100000", "--checkpoint-every", "5", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=REPO)
-    ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 300  # a loaded CI machine can take long to import torch and transform
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=300)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        ckpt = out / "checkpoint.pt"
+        deadline = time.time() + 300  # a loaded CI machine can take long to import torch and transform
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     log.seek(0)
     err = log.read()
     assert proc.returncode == 130, err
