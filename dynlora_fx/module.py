@@ -84,22 +84,12 @@ class Adapter(nn.Module):
         self.a_index.copy_(a_idx.view(self.a_index.shape))
         self.b_index.copy_(b_idx.view(self.b_index.shape))
         if init == "switchlora":  # A's rows and B's columns are candidates
-            self.A.copy_(self.candidates(SIDE_A, self.a_index))
-            self.B.copy_(self.candidates(SIDE_B, self.b_index).transpose(-1, -2))
+            self.A.copy_(self.generate_candidates(SIDE_A, self.a_index))
+            self.B.copy_(self.generate_candidates(SIDE_B, self.b_index).transpose(-1, -2))
         else:  # LoRA: Kaiming-uniform A (as nn.Linear would), zero B
             bound = lora_a_bound(t.cols)
             self.A.copy_((torch.rand(self.A.shape, generator=gen) * 2 - 1) * bound)
             self.B.zero_()
-
-    def candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
-        """Candidate vectors ``(*index.shape, length)`` for ``index`` (shape ``(*batch, k)``):
-        gathered from the stored table when there is one, regenerated from the seed otherwise."""
-        stored = self._buffers.get("stored_a" if side == SIDE_A else "stored_b")
-        if stored is not None:
-            flat = stored.reshape(-1, *stored.shape[-2:])
-            idx = index.reshape(flat.shape[0], -1, 1).expand(-1, -1, flat.shape[-1])
-            return flat.gather(1, idx).view(*index.shape, flat.shape[-1])
-        return self.generate_candidates(side, index)
 
     def base_keys(self) -> torch.Tensor:
         """Per-expert key prefix ``(E,)`` of this adapter's candidates under its current seed."""
@@ -107,6 +97,8 @@ class Adapter(nn.Module):
         return base_keys(self.seed, self.uid, experts, device=self.A.device)
 
     def generate_candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
+        """Candidate vectors ``(*index.shape, length)`` for ``index`` (shape ``(*batch, k)``),
+        regenerated from the seed (a stored table, when the switcher keeps one, holds the same)."""
         base = self.base_keys().view(*self.target.batch, *([1] * (index.dim() - len(self.target.batch))))
         keys = candidate_keys(base, side, index)
         length = self.target.cols if side == SIDE_A else self.target.rows

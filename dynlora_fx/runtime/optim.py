@@ -113,18 +113,3 @@ class AdamW(torch.optim.AdamW):
         bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype)
         denom = v.sqrt().div_(bc2_sqrt).add_(eps)
         p.sub_(m.div(denom).mul_(step_size))
-
-    @torch.no_grad()
-    def reset_vectors(self, param: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> None:
-        """Zero moments and step of the vectors ``index`` ((E, k) over the vector dim, experts
-        flattened) where ``mask`` ((E, k) bool) is set."""
-        dim, _ = self._vectors[id(param)]
-        state = self.vector_state(param)
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            t = state[key]
-            flat = t.reshape(-1, *t.shape[-2:])  # (E, rows, cols)
-            if dim == -1:
-                flat = flat.transpose(-1, -2)  # columns become rows
-            idx = index.unsqueeze(-1).expand(-1, -1, flat.shape[-1])
-            old = flat.gather(1, idx)
-            flat.scatter_(1, idx, torch.where(mask.unsqueeze(-1), torch.zeros_like(old), old))

@@ -141,10 +141,10 @@ class Switcher:
             left_a, right_a = self._switch_side(bank, SIDE_A, max(ks), k_per_row, ok)
             left_b, right_b = self._switch_side(bank, SIDE_B, max(ks), k_per_row, ok)
             # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
-            left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(bank.w_dtype).split(bank.E)
-            right = torch.cat([right_a, right_b], dim=1).to(bank.w_dtype).split(bank.E)
+            left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).split(bank.E)
+            right = torch.cat([right_a, right_b], dim=1).split(bank.E)
             for w, lhs, rhs in zip(bank.weight_views(self.gm), left, right):
-                w.baddbmm_(lhs, rhs)
+                w.baddbmm_(lhs.to(w.dtype), rhs.to(w.dtype))
 
     def _switch_side(self, bank: _Bank, side: int, kmax: int, k_per_row: torch.Tensor,
                      ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,9 +202,6 @@ class Switcher:
         self._switched[side] += valid.sum()
         self._skipped += (~ok).sum() * kmax
         return factors
-
-    def _store_candidates(self) -> None:
-        self._banks = None  # banks hold stacked tables; rebuilt on first use
 
     # -- ReLoRA ------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,7 +305,7 @@ class _Bank:
 
     Bookkeeping (in-use indices, freeze counters, pointers) is stacked to ``(G·E, r)`` / ``(G·E,)``
     and each adapter's buffers are re-registered as views of it; A, B and W stay separate tensors
-    (one gather and one scatter per adapter per side; W absorbs with one foreach add)."""
+    (one gather and one scatter per adapter per side; one rank-2k ``baddbmm_`` per W)."""
 
     def __init__(self, members: list[tuple[int, Adapter]], stored: bool):
         self.positions = [i for i, _ in members]
@@ -319,7 +316,6 @@ class _Bank:
         self.E, self.G = math.prod(t.batch), len(self.adapters)
         self.GE, self.K = self.E * self.G, first.num_candidates
         self.device, self.p_dtype = first.A.device, first.A.dtype
-        self.w_dtype = first.A.dtype  # adapters are created in their weight's dtype
         self.A, self.B = [ad.A for ad in self.adapters], [ad.B for ad in self.adapters]
         self._weights: list[torch.Tensor] | None = None
         self._states: dict[str, tuple[tuple[int, ...], list[list[torch.Tensor]]]] = {}
