@@ -76,6 +76,7 @@ import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dynlora_fx as dl  # noqa: E402
+from dynlora_fx.passes.find_targets import adapter_costs, choose_form  # noqa: E402
 from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
 from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
 
@@ -430,72 +431,73 @@ def _crossover(tokens: list[int], ratios: list[float]) -> float | None:
     return None
 
 
-def predicted_macs(shapes: list[tuple[int, int]], rank: int, tokens: int) -> dict[str, float]:
-    """Extra multiply-adds per step over the frozen base op, summed over adapters (fwd + bwd)."""
-    act = sum(3 * tokens * rank * (m + n) for m, n in shapes)
-    weight = sum(tokens * m * n + 3 * rank * m * n for m, n in shapes)
-    return {"activation": act, "weight": weight}
+def predicted_crossover(rows: int, cols: int, rank: int) -> float | None:
+    """Tokens/step where the library's cost model (``adapter_costs``, linear in T) ranks the two
+    forms equal; None: the activation branch is cheaper at every T."""
+    act1, wt1 = adapter_costs(rows, cols, rank, 1)
+    act2, wt2 = adapter_costs(rows, cols, rank, 2)
+    slope = (act2 - act1) - (wt2 - wt1)  # d(activation - weight)/dT
+    return (wt1 - act1) / slope + 1 if slope > 0 else None
 
 
-def predicted_crossover(shapes: list[tuple[int, int]], rank: int) -> float | None:
-    """T where 3·T·r·(m+n) = T·m·n + 3·r·m·n summed over adapters; None: activation cheaper at every T."""
-    num = sum(3 * rank * m * n for m, n in shapes)
-    den = sum(3 * rank * (m + n) - m * n for m, n in shapes)
-    return num / den if den > 0 else None
+def time_op_forms(rows: int, cols: int, rank: int, tokens: int, rounds: int,
+                  device: torch.device) -> dict[str, float]:
+    """Median fwd+bwd ms of one adapted matrix product ``x @ W.T`` (x: tokens x cols, needing its
+    gradient as inside a network) in each form, the two timed interleaved."""
+    g = torch.Generator().manual_seed(rows * 7919 + cols * 31 + rank)
+    W = (torch.randn(rows, cols, generator=g) / math.sqrt(cols)).to(device)
+    A = (torch.randn(rank, cols, generator=g) / math.sqrt(cols)).to(device).requires_grad_()
+    B = (torch.randn(rows, rank, generator=g) / math.sqrt(rank)).to(device).requires_grad_()
+    x = torch.randn(tokens, cols, generator=g).to(device).requires_grad_()
+    dy = torch.randn(tokens, rows, generator=g).to(device)
+    s = 1.0 / rank
+
+    def activation() -> None:  # s on the rank-r intermediate, as insert_adapters writes it
+        (F.linear(x, W) + F.linear(F.linear(x, A) * s, B)).backward(dy)
+
+    def weight() -> None:  # as insert_adapters writes it: one addmm, s on the (m, r) factor
+        F.linear(x, torch.addmm(W, B * s, A)).backward(dy)
+
+    times: dict[str, list[float]] = {"activation": [], "weight": []}
+    for i in range(rounds + 1):  # round 0 warms up
+        for name, fn in (("activation", activation), ("weight", weight))[:: 1 if i % 2 else -1]:
+            x.grad = A.grad = B.grad = None
+            settle(device)
+            t0 = time.perf_counter()
+            fn()
+            settle(device)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {k: median(v) * 1e3 for k, v in times.items()}
 
 
 def run_form_sweep(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    seq = args.form_seq
-    cfg = model_config(args, seq)
-    rows = []
-    log(f"adapter form sweep: tokens/step {args.form_tokens}, ranks {args.form_ranks} (seq {seq}, eager)")
-    shapes: dict[int, list[tuple[int, int]]] = {}
-    for tokens in args.form_tokens:
-        batch = max(1, tokens // seq)
-        batches = make_batches(batch, seq, args.data_batches, args.seed + 1, device)
-        specs = [("switchlora-seeded", "eager", {"rank": r, "form": f, "label": f"r{r}/{f}/{batch * seq}"})
-                 for r in args.form_ranks for f in ("activation", "weight")]
-        sweep_args = argparse.Namespace(**{**vars(args), "warmup": args.form_warmup})
-        failures: list[dict[str, Any]] = []
-        variants = build_and_warm(specs, cfg, batches, sweep_args, device, failures)
-        if failures:
-            raise RuntimeError(f"form sweep: {failures[0]['label']} failed: {failures[0]['error']}")
-        for v in variants:
-            v.info["forms"] = sorted(v.info["adapter_forms"])
-            r = v.config.rank
-            if r not in shapes:
-                shapes[r] = [(a.shape[0], math.prod(a.shape[1:])) for a in dl.adapters(v.inner)]
-        timed_rounds(variants, batches, args.form_rounds, 1, device)
-        by = {(v.config.rank, v.config.form): v for v in variants}
+    """Both adapter forms on every adapted weight shape of the model, per op: measured ratio,
+    the form ``form="auto"`` picks (``choose_form``), and the crossover measured vs predicted."""
+    cfg = model_config(args, args.seq)
+    example = torch.zeros(1, 8, dtype=torch.long)
+    gm = dl.transform(build_model(cfg), (example,), dl.LoRA(rank=max(args.form_ranks), form="weight"))
+    shapes = sorted({(a.shape[0], math.prod(a.shape[1:])) for a in dl.adapters(gm)})
+    del gm
+    log(f"adapter form sweep: shapes {shapes}, tokens/step {args.form_tokens}, ranks {args.form_ranks}")
+    rows, crossover = [], {}
+    for m, n in shapes:
         for r in args.form_ranks:
-            act, wt = summarize(by[(r, "activation")], batch * seq), summarize(by[(r, "weight")], batch * seq)
-            fb = lambda s: s["fwd_ms"] + s["bwd_ms"]  # noqa: E731
-            macs = predicted_macs(shapes[r], r, batch * seq)
-            rows.append({"tokens_per_step": batch * seq, "batch": batch, "seq": seq, "rank": r,
-                         "activation_step_ms": act["step_ms"], "weight_step_ms": wt["step_ms"],
-                         "activation_fwd_bwd_ms": fb(act), "weight_fwd_bwd_ms": fb(wt),
-                         "ratio_weight_vs_activation": wt["step_ms"] / act["step_ms"],
-                         "ratio_fwd_bwd": fb(wt) / fb(act),
-                         "predicted_extra_macs": macs,
-                         "predicted_ratio_extra": macs["weight"] / macs["activation"],
-                         "forms_seen": {"activation": act["forms"], "weight": wt["forms"]}})
-        del variants
-        trim_heap()
-    crossover = {}
-    for r in args.form_ranks:
-        rs = sorted((x for x in rows if x["rank"] == r), key=lambda x: x["tokens_per_step"])
-        toks, ratios = [x["tokens_per_step"] for x in rs], [x["ratio_weight_vs_activation"] for x in rs]
-        measured = _crossover(toks, ratios)
-        if measured is not None:
-            note = f"crosses 1 at ~{measured:.0f} tokens/step"
-        elif all(q > 1 for q in ratios):
-            note = "activation form faster at every measured size"
-        else:
-            note = "weight form faster at every measured size"
-        crossover[str(r)] = {"measured_tokens": measured, "note": note,
-                             "predicted_tokens": predicted_crossover(shapes[r], r),
-                             "adapted_shapes": sorted(set(shapes[r]))}
-    return {"seq": seq, "rows": rows, "crossover": crossover}
+            ratios = []
+            for tokens in args.form_tokens:
+                t = time_op_forms(m, n, r, tokens, args.form_rounds, device)
+                chosen = choose_form("auto", True, m, n, r, tokens)
+                ratio = t["weight"] / t["activation"]
+                ratios.append(ratio)
+                rows.append({"rows": m, "cols": n, "rank": r, "tokens_per_step": tokens,
+                             "activation_ms": t["activation"], "weight_ms": t["weight"],
+                             "ratio_weight_vs_activation": ratio, "auto_picks": chosen,
+                             "measured_faster": "weight" if ratio < 1 else "activation"})
+            crossover[f"{m}x{n}/r{r}"] = {"measured_tokens": _crossover(args.form_tokens, ratios),
+                                          "predicted_tokens": predicted_crossover(m, n, r)}
+    picks = [x for x in rows if abs(x["ratio_weight_vs_activation"] - 1) > 0.05]  # clear wins only
+    return {"rows": rows, "crossover": crossover, "rounds": args.form_rounds,
+            "auto_agrees": sum(x["auto_picks"] == x["measured_faster"] for x in picks), "clear_cases": len(picks)}
 
 
 def rate_analytics(args: argparse.Namespace) -> dict[str, Any]:
@@ -552,18 +554,24 @@ def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
 
 
 def form_rows(fs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    h = ["rank", "tokens/step", "activation ms", "weight ms", "weight/activation", "fwd+bwd ratio",
-         "predicted (extra MACs)"]
-    rows = [[str(x["rank"]), str(x["tokens_per_step"]), f"{x['activation_step_ms']:.1f}", f"{x['weight_step_ms']:.1f}",
-             f"{x['ratio_weight_vs_activation']:.2f}", f"{x['ratio_fwd_bwd']:.2f}", f"{x['predicted_ratio_extra']:.2f}"]
-            for x in sorted(fs["rows"], key=lambda x: (x["rank"], x["tokens_per_step"]))]
+    h = ["weight (m x n)", "rank", "tokens/step", "activation ms", "weight-space ms", "weight/activation",
+         "auto picks"]
+    rows = [[f"{x['rows']}x{x['cols']}", str(x["rank"]), str(x["tokens_per_step"]), f"{x['activation_ms']:.2f}",
+             f"{x['weight_ms']:.2f}", f"{x['ratio_weight_vs_activation']:.2f}",
+             x["auto_picks"] + ("" if x["auto_picks"] == x["measured_faster"] else " (slower)")]
+            for x in fs["rows"]]
     return h, rows
 
 
-def _crossover_note(c: dict[str, Any]) -> str:
-    pred = c["predicted_tokens"]
-    return (f"{c['note']}; the multiply-add count predicts "
-            + (f"a crossover at ~{pred:.0f} tokens/step" if pred else "the activation form cheaper at every size"))
+def form_notes(fs: dict[str, Any]) -> list[str]:
+    def tok(v: float | None, none: str) -> str:
+        return none if v is None else f"~{v:.0f}"
+    notes = [f"{key}: crossover measured {tok(c['measured_tokens'], 'outside the sweep')}, "
+             f"predicted {tok(c['predicted_tokens'], 'never (activation always cheaper)')} tokens/step"
+             for key, c in fs["crossover"].items()]
+    notes.append(f"form=\"auto\" picked the measured faster form in {fs['auto_agrees']} of {fs['clear_cases']} "
+                 "cases where one form was >5% faster")
+    return notes
 
 
 def print_report(result: dict[str, Any], markdown: bool) -> None:
@@ -587,10 +595,10 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
                 print(f"- **{f['label']} failed**: `{f['error']}`")
         if result.get("form_sweep"):
             fh, fr = form_rows(result["form_sweep"])
-            print("**Adapter form: weight-space vs activation branch (SwitchLoRA, eager)**\n")
-            print(markdown_table(fh, fr, ["r"] * len(fh)) + "\n")
-            for r, c in result["form_sweep"]["crossover"].items():
-                print(f"- rank {r}: {_crossover_note(c)}")
+            print("**Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)**\n")
+            print(markdown_table(fh, fr, ["l"] + ["r"] * (len(fh) - 2) + ["l"]) + "\n")
+            for note in form_notes(result["form_sweep"]):
+                print(f"- {note}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -611,14 +619,15 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             console.print(f"[bold red]{f['label']} failed[/]: {f['error']}", markup=True)
     if result.get("form_sweep"):
         fh, fr = form_rows(result["form_sweep"])
-        t = Table(title="Adapter form: weight-space vs activation branch (SwitchLoRA, eager)", title_justify="left")
+        t = Table(title="Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)",
+                  title_justify="left")
         for c in fh:
             t.add_column(c, justify="right")
         for row in fr:
             t.add_row(*row)
         console.print(t)
-        for r, c in result["form_sweep"]["crossover"].items():
-            console.print(f"rank {r}: {_crossover_note(c)}")
+        for note in form_notes(result["form_sweep"]):
+            console.print(note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,9 +669,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-form-sweep", dest="form_sweep", action="store_false", help="skip the adapter form sweep")
     p.add_argument("--form-tokens", type=_ints, help="tokens/step of the form sweep (default 256,1024,4096)")
     p.add_argument("--form-ranks", type=_ints, help="ranks of the form sweep (default 16,64)")
-    p.add_argument("--form-seq", type=int, help="sequence length of the form sweep (default: --seq)")
-    p.add_argument("--form-rounds", type=int, help="interleaved rounds of the form sweep (default 3; quick 2)")
-    p.add_argument("--form-warmup", type=int, help="untimed steps per form-sweep variant (default 1)")
+    p.add_argument("--form-rounds", type=int, help="timed rounds per op of the form sweep (default 9; quick 3)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="seed of the random byte batches")
     p.add_argument("--data-batches", type=int, default=4, help="distinct batches cycled through")
@@ -677,14 +684,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(2, 8), seq=(32, 128),
                     rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 5),
                     form_tokens=([64, 256], [256, 1024, 4096]), form_ranks=([4, 8], [16, 64]),
-                    form_rounds=(2, 3), form_warmup=(1, 1))
+                    form_rounds=(3, 9))
     for k, (quick_v, full_v) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick_v if q else full_v)
     if args.compile is None:
         args.compile = not q
-    if args.form_seq is None:
-        args.form_seq = args.seq
     if args.settings is None:
         args.settings = f"{args.batch}x{args.seq},{4 * args.batch}x{args.seq}"
     try:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import dynlora_fx as dl
 from dynlora_fx.errors import ConfigError, StateError
 from dynlora_fx.runtime import expected_switches
+from dynlora_fx.runtime.optim import VectorGroup
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from reference_switching import ReferenceSwitcher  # noqa: E402
@@ -82,22 +83,26 @@ def test_switches_preserve_function_and_follow_schedule():
             assert all(len(set(row.tolist())) == row.numel() for row in flat)
 
 
-@pytest.mark.parametrize("candidates", ["seeded", "stored"])
-def test_fast_runtime_matches_reference_loop(candidates):
+@pytest.mark.parametrize("candidates,interval,freeze", [("seeded", 10, 2), ("stored", 10, 2), ("seeded", 3, 1)])
+def test_fast_runtime_matches_reference_loop(candidates, interval, freeze):
+    # interval 10 at rank 8 switches 0-1 vectors per side and step, interval 3 switches 2-3
     runs = []
     for switcher_cls in (dl.Switcher, ReferenceSwitcher):
-        gm, x = build(rank=8, candidates=candidates)
+        gm, x = build(rank=8, candidates=candidates, interval=interval, freeze_steps=freeze)
         opt = dl.AdamW(gm.parameters(), lr=1e-2)
         sw = switcher_cls(gm, opt, 50)
         run(gm, opt, x, 50)
-        runs.append((gm, sw))
-    (fast, sw_fast), (ref, sw_ref) = runs
+        runs.append((gm, opt, sw))
+    (fast, opt_fast, sw_fast), (ref, opt_ref, sw_ref) = runs
     assert sw_fast.num_switched() == sw_ref.num_switched() and sw_fast.num_switched()[0] > 10
     for (name, p), (_, q) in zip(fast.state_dict().items(), ref.state_dict().items()):
         if p.is_floating_point():
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
         else:
             assert torch.equal(p, q), name
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):  # moments and per-vector steps
+        for key, value in opt_fast.state[p].items():
+            torch.testing.assert_close(value, opt_ref.state[q][key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
 
 
 def test_resume_is_bit_identical():
@@ -177,7 +182,7 @@ def test_adamw_matches_torch_for_plain_and_unreset_params():
     w = nn.Parameter(torch.randn(4, 6))
     w_ref = nn.Parameter(w.detach().clone())
     o1 = dl.AdamW([w], lr=1e-2, weight_decay=0.1)
-    o1.register_vectors(w, -2, lambda: torch.zeros(4, dtype=torch.int32))
+    o1.register_vectors(VectorGroup([w], -2, lambda: torch.zeros(1, 4, dtype=torch.int32)))
     o2 = torch.optim.AdamW([w_ref], lr=1e-2, weight_decay=0.1)
     for i in range(6):
         g = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
@@ -316,3 +321,26 @@ def test_property_switching_never_changes_the_function(m, n, rank_frac, form, ca
     for idx in (ad.a_index, ad.b_index):  # in-use candidates stay distinct and in range
         assert len(set(idx.tolist())) == idx.numel() and 0 <= int(idx.min()) and int(idx.max()) < min(m, n)
     assert sw.step == 8
+
+
+def test_bundle_weights_round_trip_while_factors_share_stacked_storage(tmp_path):
+    from safetensors.torch import load_model
+
+    from dynlora_fx.checkpoint import write_bundle
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        return dl.transform(model, (torch.randn(2, 16),), dl.SwitchLoRA(rank=4, interval=4, freeze_steps=1))
+
+    gm = make()
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    dl.attach(gm, opt, 20)
+    a0, a1 = (ad.A for ad in gm.iter_adapters())
+    assert a0.untyped_storage().data_ptr() == a1.untyped_storage().data_ptr()  # one bank: one stacked tensor
+    run(gm, opt, torch.randn(4, 16), 5, torch.randn(4, 16))
+    write_bundle(tmp_path, gm, {})
+    fresh = make()
+    load_model(fresh, str(tmp_path / "weights.safetensors"))
+    for (name, v), w in zip(gm.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(v, w), name

@@ -6,13 +6,15 @@ Activation branch (linear / ungrouped conv, weight read directly)::
 
 Weight-space form (everything else: the weight read is replaced where it happens)::
 
-    W  ->  W + (s · B @ A).reshape(W.shape)
+    W  ->  addmm(W as (m, n), s · B, A).reshape(W.shape)
 
 Inserted nodes carry ``node.meta["dynlora"] = {"weight", "role", "form"}``; adapter
 tensors are read with ``get_attr`` from ``gm.adapters.<weight qualified name>``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -68,17 +70,32 @@ def _insert_branch(graph: fx.Graph, consumer: fx.Node, target: Target, prefix: s
 
 
 def _insert_weight_delta(graph: fx.Graph, reader: fx.Node, target: Target, prefix: str) -> None:
-    """Replace every use of the weight read ``reader`` by W + s·(B@A) reshaped to W's shape."""
+    """Replace every use of the weight read ``reader`` by W + (s·B)@A in W's shape: one addmm (baddbmm
+    for stacked experts) that reads W once and writes the sum once, s scaling the small (m, r) factor."""
     tag = lambda n, role: _tag(n, target, role, "weight")  # noqa: E731
+    call = graph.call_function
+    rows, cols, r = target.rows, target.cols, target.rank
     with graph.inserting_before(reader.next):  # a fixed anchor keeps the new nodes in order
         a = tag(graph.get_attr(f"{prefix}.A"), "A")
         b = tag(graph.get_attr(f"{prefix}.B"), "B")
         s = tag(graph.get_attr(f"{prefix}.scale"), "scale")
-        prod = tag(graph.call_function(_aten.matmul.default, (b, a)), "product")
-        scaled = tag(graph.call_function(_aten.mul.Tensor, (prod, s)), "scaled")
-        delta = tag(graph.call_function(_aten.view.default, (scaled, list(target.shape))), "delta")
-        out = tag(graph.call_function(_aten.add.Tensor, (reader, delta)), "output")
-    reader.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        b_scaled = tag(call(_aten.mul.Tensor, (b, s)), "scaled")
+        if target.batch:
+            e = math.prod(target.batch)
+            w = tag(call(_aten.reshape.default, (reader, [e, rows, cols])), "matrix")
+            summed = tag(call(_aten.baddbmm.default, (w, call(_aten.view.default, (b_scaled, [e, rows, r])),
+                                                      call(_aten.view.default, (a, [e, r, cols])))), "delta")
+            for n in summed.args[1:]:
+                tag(n, "factor")
+        elif list(target.shape) != [rows, cols]:  # a conv kernel or other >2-D weight
+            w = tag(call(_aten.reshape.default, (reader, [rows, cols])), "matrix")
+            summed = tag(call(_aten.addmm.default, (w, b_scaled, a)), "delta")
+        else:
+            summed = tag(call(_aten.addmm.default, (reader, b_scaled, a)), "delta")
+        out = summed if summed.args[0] is reader else call(_aten.reshape.default, (summed, list(target.shape)))
+        tag(out, "output")
+    own = summed.args[0] if summed.args[0] is not reader else summed  # the inserted node reading W
+    reader.replace_all_uses_with(out, delete_user_cb=lambda user: user is not own)
 
 
 def insert_adapters(gm: fx.GraphModule, plan: TargetPlan, *, model_attr: str = "model",

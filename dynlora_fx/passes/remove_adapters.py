@@ -18,7 +18,9 @@ def remove_adapters(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.meta.get(META_KEY, {}).get("role") == "output":
-            base = node.args[0]  # output = add(base, adapter term)
+            base = node.args[0]  # the base is the first untagged node along the first arguments
+            while META_KEY in base.meta:
+                base = base.args[0]
             node.replace_all_uses_with(base)
     for node in reversed(list(graph.nodes)):
         if META_KEY in node.meta:

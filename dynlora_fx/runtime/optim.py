@@ -1,21 +1,25 @@
 """``dl.AdamW``: torch.optim.AdamW with a step counter per vector for adapter factors.
 
-Registered adapter parameters (rows of ``A``, columns of ``B``) keep ``exp_avg``,
-``exp_avg_sq`` and ``step`` per vector, so a vector whose state is reset restarts its
-bias correction alone, and a frozen vector (``frozen > 0``) is not updated at all —
-not by its moments, not by weight decay. Every other parameter goes through the stock
-``torch.optim.AdamW.step`` unchanged, so its numbers are exactly torch's.
+Adapter factors are registered in :class:`VectorGroup` s — same-shape parameters kept as
+views of one stacked tensor — and their ``exp_avg``, ``exp_avg_sq`` and per-vector
+``step`` are stacked the same way, so one group's update is a dozen tensor ops however
+many adapters it holds. A vector whose state is reset restarts its bias correction alone;
+a frozen vector is not updated at all (not by its moments, not by weight decay). Every
+other parameter goes through the stock ``torch.optim.AdamW.step`` unchanged, so its
+numbers are exactly torch's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import ConfigError
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "VectorGroup"]
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def _stock_step(opt: torch.optim.AdamW) -> None:
@@ -27,48 +31,109 @@ def _stock_step(opt: torch.optim.AdamW) -> None:
     step(opt)
 
 
+class VectorGroup:
+    """Same-shape parameters whose vectors — rows (``dim=-2``) or columns (``dim=-1``) of the
+    last two dims — are trained and switched one by one, stored as views of one stacked tensor.
+
+    ``frozen()`` returns every vector's frozen steps left, shape ``(N, r)`` for the ``N``
+    matrices of :meth:`flat` (leading batch dims folded) and ``r`` vectors each."""
+
+    def __init__(self, params: Sequence[torch.Tensor], dim: int, frozen: Callable[[], torch.Tensor]):
+        params = list(params)
+        if not params or dim not in (-2, -1) or params[0].dim() < 2:
+            raise ConfigError("VectorGroup", "needs one or more matrices (or batches of matrices) and dim -2 or -1",
+                              "pass the adapter factors A (dim=-2) or B (dim=-1)")
+        first = params[0]
+        if any(p.shape != first.shape or p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ConfigError("VectorGroup", "parameters differ in shape, dtype or device",
+                              "group only same-shape factors")
+        self.params, self.dim, self.frozen = params, dim, frozen
+        self._flat: torch.Tensor | None = None
+        self._ptrs: list[int] = []
+        self.flat()
+
+    def flat(self) -> torch.Tensor:
+        """All parameters as one ``(N, rows, cols)`` tensor whose slices they are views of.
+        Re-stacked (values kept) if something gave a parameter new storage (``.to()``,
+        ``load_state_dict(assign=True)``)."""
+        if self._flat is None or any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._ptrs)):
+            stacked = torch.stack([p.detach() for p in self.params])
+            for p, view in zip(self.params, stacked):
+                p.data = view
+            self._flat = stacked.view(-1, *stacked.shape[-2:])
+            self._ptrs = [p.data_ptr() for p in self.params]
+        return self._flat
+
+    def vector_shape(self) -> tuple[int, ...]:
+        """Shape of a per-vector quantity broadcast against :meth:`flat`."""
+        n, rows, cols = self.flat().shape
+        return (n, rows, 1) if self.dim == -2 else (n, 1, cols)
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in ``torch.optim.AdamW``; the switcher registers adapter factors with
     :meth:`register_vectors` when it is attached."""
 
     def __init__(self, params: Any, *args: Any, **kwargs: Any):
         super().__init__(params, *args, **kwargs)
-        # id(param) -> (vector dim, getter of the frozen-steps-left tensor, one entry per vector)
-        self._vectors: dict[int, tuple[int, Callable[[], torch.Tensor]]] = {}
+        self._groups: list[VectorGroup] = []
+        self._flat_state: dict[int, dict[str, torch.Tensor]] = {}  # id(group) -> stacked moments and steps
+        self._grouped: set[int] = set()  # ids of registered parameters
 
-    def register_vectors(self, param: torch.Tensor, dim: int, frozen: Callable[[], torch.Tensor]) -> None:
-        """Give ``param`` per-vector state along ``dim`` (-2: rows, -1: columns); ``frozen()`` returns
-        each vector's remaining frozen steps (read at every step, so ``.to()`` after attaching is fine)."""
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                if group["amsgrad"] or group["maximize"] or group.get("fused") or group.get("capturable"):
-                    raise ConfigError("dl.AdamW", "amsgrad, maximize, fused and capturable are not supported for "
-                                      "adapter factors", "construct dl.AdamW without those options")
-                break
-        else:
-            raise ConfigError("dl.AdamW", "the parameter to register is not in any param group",
+    def register_vectors(self, group: VectorGroup) -> None:
+        """Give ``group``'s parameters per-vector state. They must share one param group;
+        state they already have (attached after some steps) is carried over."""
+        index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        where = {index.get(id(p)) for p in group.params}
+        if None in where:
+            raise ConfigError("dl.AdamW", "a parameter to register is not in any param group",
                               "build the optimizer over gm.parameters()")
-        self._vectors[id(param)] = (dim, frozen)
-        state = self.state[param]
-        if state:  # attached after some steps: broadcast the tensor-wide step to every vector
-            state["step"] = torch.full(self._vector_shape(param, dim), float(state["step"]),
-                                       dtype=torch.float32, device=param.device)
+        if len(where) > 1:
+            raise ConfigError("dl.AdamW", "one vector group spans several param groups",
+                              "register each param group's factors separately")
+        pg = self.param_groups[where.pop()]
+        if pg["amsgrad"] or pg["maximize"] or pg.get("fused") or pg.get("capturable"):
+            raise ConfigError("dl.AdamW", "amsgrad, maximize, fused and capturable are not supported for "
+                              "adapter factors", "construct dl.AdamW without those options")
+        self._groups.append(group)
+        self._grouped.update(id(p) for p in group.params)
+        self._flat_state[id(group)] = self._stack_state(group)
+
+    def _stack_state(self, group: VectorGroup) -> dict[str, torch.Tensor]:
+        """Stacked zero state, filled from any per-parameter state the parameters already have;
+        each parameter's ``self.state`` entries become views of it."""
+        flat = group.flat()
+        stacked = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat),
+                   "step": torch.zeros(group.vector_shape(), dtype=torch.float32, device=flat.device)}
+        per = len(flat) // len(group.params)
+        for i, p in enumerate(group.params):
+            old, rows = self.state.get(p, {}), slice(i * per, (i + 1) * per)
+            for key in _MOMENTS:
+                if key in old:  # a tensor-wide step broadcasts to every vector
+                    stacked[key][rows].copy_(torch.as_tensor(old[key]).reshape(-1, *stacked[key].shape[1:])
+                                             if old[key].numel() > 1 else old[key])
+            self.state[p] = {key: stacked[key][rows].view(self._state_shape(p, key, group.dim)) for key in _MOMENTS}
+        return stacked
 
     @staticmethod
-    def _vector_shape(param: torch.Tensor, dim: int) -> tuple[int, ...]:
-        shape = list(param.shape)
+    def _state_shape(p: torch.Tensor, key: str, dim: int) -> tuple[int, ...]:
+        if key != "step":
+            return tuple(p.shape)
+        shape = list(p.shape)
         shape[-1 if dim == -2 else -2] = 1
         return tuple(shape)
 
-    def vector_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The per-vector state of a registered parameter (created on first use)."""
-        state = self.state[param]
-        if not state:
-            dim, _ = self._vectors[id(param)]
-            state["step"] = torch.zeros(self._vector_shape(param, dim), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
+    def vector_state(self, target: torch.Tensor | VectorGroup) -> dict[str, torch.Tensor]:
+        """``exp_avg``, ``exp_avg_sq``, ``step`` of a registered parameter (views), or of a whole
+        group (stacked like :meth:`VectorGroup.flat`; ``step`` one entry per vector)."""
+        if isinstance(target, VectorGroup):
+            return self._flat_state[id(target)]
+        return self.state[target]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self._groups:  # loaded tensors replace the views: stack them again
+            self._flat_state[id(group)] = self._stack_state(group)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -76,40 +141,48 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._vectors:
+        if not self._groups:
             _stock_step(self)
             return loss
         saved = [g["params"] for g in self.param_groups]
         try:  # stock AdamW for everything that is not an adapter factor
             for g in self.param_groups:
-                g["params"] = [p for p in g["params"] if id(p) not in self._vectors]
+                g["params"] = [p for p in g["params"] if id(p) not in self._grouped]
             _stock_step(self)
         finally:
             for g, params in zip(self.param_groups, saved):
                 g["params"] = params
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in self._vectors and p.grad is not None:
-                    self._vector_update(p, group)
+        owner = {id(p): g for g in self.param_groups for p in g["params"]}
+        for group in self._groups:
+            self._group_update(group, owner[id(group.params[0])])
         return loss
 
-    def _vector_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """AdamW with per-vector step counts, in place. Frozen vectors have zero gradient (the
-        switcher zeroes it) and a zero ``active`` weight: moments, step and value stay put."""
-        dim, frozen_of = self._vectors[id(p)]
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        state = self.vector_state(p)
+    def _group_update(self, group: VectorGroup, hp: dict[str, Any]) -> None:
+        """AdamW with per-vector step counts over a whole group, in place. A frozen vector (or a
+        parameter without gradient) gets a zero ``active`` weight: moments, step and value stay put."""
+        grads = [p.grad for p in group.params]
+        if all(g is None for g in grads):
+            return
+        flat = group.flat()
+        state = self._flat_state[id(group)]
+        if state["exp_avg"].device != flat.device:  # the module moved after attaching
+            state = self._flat_state[id(group)] = self._stack_state(group)
         step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        active = (frozen_of() == 0).unsqueeze(-1 if dim == -2 else -2).to(p.dtype)  # one entry per vector
-        grad = p.grad * active  # frozen vectors see exactly zero, whatever the caller left there
+        beta1, beta2 = hp["betas"]
+        lr, eps, wd = hp["lr"], hp["eps"], hp["weight_decay"]
+        active = (group.frozen() == 0).view(step.shape).to(flat.dtype)
+        if any(g is None for g in grads):
+            present = torch.tensor([g is not None for g in grads], device=flat.device)
+            active *= present.repeat_interleave(len(flat) // len(grads)).view(-1, 1, 1)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(group.params, grads)]
+        grad = torch.stack(grads).view_as(flat).mul_(active)  # frozen vectors see exactly zero
         step.add_(active)
         if wd:
-            p.mul_(1 - lr * wd * active)
+            flat.mul_(1 - lr * wd * active)
         m.lerp_(grad, (1 - beta1) * active)
         v.mul_(1 - (1 - beta2) * active).addcmul_(grad, grad, value=1 - beta2)
-        t = step.clamp_min(1.0).double()  # per-vector bias corrections, on (.., r, 1)-sized tensors
-        step_size = (lr / (1 - beta1 ** t)).to(p.dtype) * active
-        bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype)
-        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
-        p.sub_(m.div(denom).mul_(step_size))
+        t = step.clamp_min(1.0).double()  # per-vector bias corrections, on (N, r, 1)-sized tensors
+        step_size = (lr / (1 - beta1 ** t)).to(flat.dtype).mul_(active)
+        bc2_sqrt = (1 - beta2 ** t).sqrt().to(flat.dtype)
+        denom = torch.sqrt(v, out=grad).div_(bc2_sqrt).add_(eps)  # the gradient's buffer is free again
+        flat.addcmul_(torch.div(m, denom, out=denom), step_size, value=-1)
