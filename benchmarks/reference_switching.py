@@ -29,16 +29,19 @@ class ReferenceSwitcher(Switcher):
             self.tables[id(ad)] = (ad.generate_candidates(SIDE_A, every).reshape(E, ad.num_candidates, -1),
                                    ad.generate_candidates(SIDE_B, every).reshape(E, ad.num_candidates, -1))
 
-    def _switch_side(self, bank, side, kmax, k_per_row, ok):
-        """One side of every adapter in ``bank``, one vector at a time (``ok``, the NaN guard, is not
-        part of the reference). Draws the same ``rand(G·E, K)`` as the batched runtime."""
-        draw = torch.rand(bank.GE, bank.K, generator=self._device_gen, device=bank.device)
-        for row in range(bank.GE):
-            ad, e = bank.adapters[row // bank.E], row % bank.E
-            self._switch_vectors(ad, e, side, int(k_per_row[row]), draw[row])
+    def _switch_side(self, cohort, side, kmax, k_per_row):
+        """One side of every adapter in ``cohort``, one vector at a time (the runtime's per-vector NaN
+        guard is not part of the reference). Draws the same ``rand(N, K)`` as the batched runtime."""
+        draw = torch.rand(cohort.N, cohort.K, generator=self._device_gen, device=cohort.device)
+        row = 0
+        for ad, experts in zip(cohort.adapters, cohort.experts_list):
+            for e in range(experts):
+                self._switch_vectors(ad, e, side, int(k_per_row[row]), draw[row])
+                row += 1
         # W was updated vector by vector above: nothing left for the batched absorption
-        return (torch.zeros(bank.GE, bank.rows, 0, dtype=bank.p_dtype, device=bank.device),
-                torch.zeros(bank.GE, 0, bank.cols, dtype=bank.p_dtype, device=bank.device))
+        return [(torch.zeros(bank.GE, bank.rows, 0, dtype=bank.p_dtype, device=cohort.device),
+                 torch.zeros(bank.GE, 0, bank.cols, dtype=bank.p_dtype, device=cohort.device))
+                for bank in cohort.banks]
 
     def _switch_vectors(self, ad, e, side, k, draw):
         t = ad.target

@@ -650,7 +650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch of the first setting (default 8; quick 2)")
     p.add_argument("--seq", type=int, help="sequence length of the first setting (default 128; quick 32)")
     p.add_argument("--settings", help="comma list of BATCHxSEQ (default: BATCHxSEQ and (4*BATCH)xSEQ, "
-                                      "i.e. 8x128 and 32x128 = 1024 and 4096 tokens/step)")
+                                      "i.e. 8x128 and 32x128 = 1024 and 4096 tokens/step; \"\" for none, e.g. "
+                                      "to run only the form sweep)")
     p.add_argument("--variants", default=",".join(METHODS), help=f"comma list out of {', '.join(METHODS)}")
     comp = p.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_true", default=None,
@@ -709,7 +710,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def process_warmup(args: argparse.Namespace, device: torch.device) -> None:
     """One untimed step of a full-rank and a SwitchLoRA model, thrown away, so that one-off
     process costs (kernel and library loading, export machinery) land on no variant's numbers."""
-    batch, seq = args.setting_list[0]
+    batch, seq = args.setting_list[0] if args.setting_list else (args.batch, args.seq)
     batches = make_batches(batch, seq, 1, args.seed, device)
     for method in ("full-rank", "switchlora-seeded"):
         v = build_variant(method, "eager", model_config(args, seq), batches[0][0], args, device)

@@ -44,6 +44,10 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
     if not isinstance(config, AdapterConfig):
         raise ConfigError("config", f"expected dl.SwitchLoRA, dl.LoRA or dl.ReLoRA, got {type(config).__name__}",
                           "pass e.g. dl.SwitchLoRA(rank=64)")
+    if hasattr(model, "_orig_mod"):  # a torch.compile wrapper: compiling must come after the rewrite
+        raise ConfigError(type(model._orig_mod).__name__, "the model is already compiled (torch.compile wrapper)",
+                          "transform the uncompiled model, then compile the result: "
+                          "dl.compile(dl.transform(model, example_inputs, config))")
     if any(isinstance(m, DynLoRAModule) for m in model.modules()):
         raise DynLoRAError(type(model).__name__, "the model is already transformed (it contains adapters)",
                            "transform the original model, or call dl.merge(gm) first to get a plain model")

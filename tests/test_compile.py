@@ -63,9 +63,25 @@ def test_compiled_training_matches_eager_without_recompiles(config, backend, ste
         assert sw2.num_switched() == sw.num_switched() and sw2.num_switched()[0] > 20
 
 
+def test_attaching_after_the_first_compiled_step_does_not_recompile():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 17))
+    gm = dl.transform(Tiny(), (ids[:, :-1],), dl.SwitchLoRA(rank=8, interval=10, freeze_steps=2))
+    opt = dl.AdamW(gm.parameters(), lr=3e-3)
+    torch._dynamo.reset()
+    compiled = dl.compile(gm, backend="aot_eager")
+    train(compiled, opt, 1, ids)
+    sw = dl.attach(compiled, opt, 50)  # stacks the adapter factors into shared storage: tensor data only
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(compiled, opt, 20, ids)
+    assert sw.num_switched()[0] > 0
+
+
 def test_compile_rejects_wrong_modules():
     with pytest.raises(dl.DynLoRAError, match="dl.transform"):
         dl.compile(nn.Linear(2, 2))
+    with pytest.raises(dl.DynLoRAError, match="already compiled.*dl.compile\\(dl.transform"):
+        dl.transform(torch.compile(nn.Linear(4, 4)), (torch.randn(2, 4),), dl.LoRA(rank=2))
     gm = dl.transform(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),), dl.LoRA(rank=2))
     compiled = dl.compile(gm, backend="eager")
     with pytest.raises(dl.DynLoRAError, match="already compiled"):

@@ -284,11 +284,12 @@ def adapter_costs(rows: int, cols: int, rank: int, tokens: int) -> tuple[float, 
     Activation branch: x·Aᵀ and ·Bᵀ forward, twice that backward: 3·T·r·(m+n); W stays frozen, so
     the base op computes no weight gradient. Weight-space form: B@A forward and the dA, dB products
     backward (3·r·m·n), plus the base op's now-needed weight gradient (T·m·n). Products with inner
-    or outer dim r run below the big ones' speed: ``skinny = min(1, (r/80)^0.7)`` is fitted to the
+    or outer dim r run below the big ones' speed: ``skinny = min(1, sqrt(r/128))`` is fitted to the
     per-op sweep of ``benchmarks/speed.py`` on CPU (shapes 256x256, 704x256, 256x704; r 16, 64;
     256-4096 tokens/step), where it picks the measured faster form in every case with a >5%
-    difference. For a square d×d weight at r = d/4 the weight-space form wins above ~1.5·d tokens."""
-    skinny = min(1.0, (rank / 80.0) ** 0.7)
+    difference. For a square d×d weight at r = d/4 the weight-space form wins above ~d tokens
+    per step (~1.5·d once r ≥ 128)."""
+    skinny = min(1.0, math.sqrt(rank / 128.0))
     activation = 3.0 * tokens * rank * (rows + cols) / skinny
     weight = 3.0 * rank * rows * cols / skinny + tokens * rows * cols
     return activation, weight

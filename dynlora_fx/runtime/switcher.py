@@ -72,17 +72,17 @@ class Switcher:
         self._warned = False
         self._relora_round = 0
         self._saved_lr: list[Any] = []
-        self._banks: list[_Bank] = []
+        self._cohorts: list[_Cohort] = []
         if isinstance(self.config, SwitchLoRA):
-            self._banks = _make_banks(self.adapters, optimizer, self.config.candidates == "stored")
+            self._cohorts = _make_cohorts(self.adapters, optimizer, self.config.candidates == "stored")
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         optimizer._dynlora_switcher = self
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        for bank in self._banks:  # dl.AdamW reads the banks' freeze counters during the step
-            bank.refresh()
+        for cohort in self._cohorts:  # dl.AdamW reads the freeze counters during the step
+            cohort.refresh()
         if isinstance(self.config, ReLoRA):
             mult = relora_lr_multiplier(self.step, self.config.reset_every, self.config.warmup)
             self._saved_lr = [g["lr"] for g in optimizer.param_groups]
@@ -115,54 +115,78 @@ class Switcher:
     @torch.no_grad()
     def _switch_all(self) -> None:
         counts = self.switch_counts(self.step)
-        for bank in self._banks:
-            bank.a_frozen.sub_(1).clamp_(min=0)
-            bank.b_frozen.sub_(1).clamp_(min=0)
-            ks = [counts[i] for i in bank.positions]
-            if max(ks) == 0:
+        for cohort in self._cohorts:
+            cohort.a_frozen.sub_(1).clamp_(min=0)
+            cohort.b_frozen.sub_(1).clamp_(min=0)
+            ks = [counts[i] for i in cohort.positions]
+            kmax = max(ks)
+            if kmax == 0:
                 continue
-            k_per_row = _host_to_device(ks, bank.device).repeat_interleave(bank.E)
-            ok = bank.finite()
-            self._skipped += (~ok).sum() * (2 * max(ks))
-            left_a, right_a = self._switch_side(bank, SIDE_A, max(ks), k_per_row, ok)
-            left_b, right_b = self._switch_side(bank, SIDE_B, max(ks), k_per_row, ok)
-            # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
-            left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).split(bank.E)
-            right = torch.cat([right_a, right_b], dim=1).split(bank.E)
-            for w, lhs, rhs in zip(bank.weight_views(self.gm), left, right):
-                if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
-                    w[0].addmm_(lhs[0].to(w.dtype), rhs[0].to(w.dtype))
-                else:
-                    w.baddbmm_(lhs.to(w.dtype), rhs.to(w.dtype))
+            k_per_row = _host_to_device(ks, cohort.device).repeat_interleave(cohort.experts)
+            by_side = [self._switch_side(cohort, side, kmax, k_per_row) for side in (SIDE_A, SIDE_B)]
+            for bank, (left_a, right_a), (left_b, right_b) in zip(cohort.banks, *by_side):
+                # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
+                left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).split(bank.E)
+                right = torch.cat([right_a, right_b], dim=1).split(bank.E)
+                for w, lhs, rhs in zip(bank.weight_views(self.gm), left, right):
+                    if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
+                        w[0].addmm_(lhs[0].to(w.dtype), rhs[0].to(w.dtype))
+                    else:
+                        w.baddbmm_(lhs.to(w.dtype), rhs.to(w.dtype))
 
-    def _switch_side(self, bank: _Bank, side: int, kmax: int, k_per_row: torch.Tensor,
-                     ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Switch up to ``k`` vectors of ``side`` in every adapter of ``bank`` (its N = G·E matrices at
-        once); returns the factors (N, rows, k), (N, k, cols) whose product W must absorb (unscaled)."""
-        r, rows, cols, N = bank.r, bank.rows, bank.cols, bank.GE
-        dev = bank.device
+    def _switch_side(self, cohort: _Cohort, side: int, kmax: int,
+                     k_per_row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Switch up to ``k`` vectors of ``side`` in every adapter of ``cohort``: slots and candidates
+        are chosen for all its N matrices at once, vectors moved bank by bank. Returns per bank the
+        factors (n, rows, k), (n, k, cols) whose product W must absorb (unscaled)."""
+        r, N = cohort.r, cohort.N
         if side == SIDE_A:
-            frozen, ptr, index, partner_frozen = bank.a_frozen, bank.a_ptr, bank.a_index, bank.b_frozen
+            frozen, ptr, index, partner_frozen = cohort.a_frozen, cohort.a_ptr, cohort.a_index, cohort.b_frozen
         else:
-            frozen, ptr, index, partner_frozen = bank.b_frozen, bank.b_ptr, bank.b_index, bank.a_frozen
+            frozen, ptr, index, partner_frozen = cohort.b_frozen, cohort.b_ptr, cohort.b_index, cohort.a_frozen
         # slots: the next k non-frozen ones in round-robin order from each pointer
-        order = (bank.slots - ptr.unsqueeze(1)) % r
+        order = (cohort.slots - ptr.unsqueeze(1)) % r
         key = order + r * (frozen > 0)
         pos = key.topk(kmax, dim=1, largest=False).indices  # (N, kmax)
-        valid = (key.gather(1, pos) < r) & (bank.slots[:kmax] < k_per_row.unsqueeze(1))
+        chosen = (key.gather(1, pos) < r) & (cohort.slots[:kmax] < k_per_row.unsqueeze(1))
         # candidates: k distinct ones not in use, uniformly at random
-        draw = torch.rand(N, bank.K, generator=self._device_gen, device=dev)
+        draw = torch.rand(N, cohort.K, generator=self._device_gen, device=cohort.device)
         draw.scatter_(1, index, 2.0)
         cand = draw.topk(kmax, dim=1, largest=False).indices
-        valid &= (draw.gather(1, cand) < 2.0) & ok.unsqueeze(1)
-        new = bank.candidates(side, cand)  # (N, kmax, cols | rows)
-        rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
-        A, B = bank.a_group.flat(), bank.b_group.flat()  # (N, r, cols), (N, rows, r)
-        a_idx = pos.unsqueeze(-1).expand(N, kmax, cols)
-        b_idx = pos.unsqueeze(1).expand(N, rows, kmax)
+        chosen &= draw.gather(1, cand) < 2.0
+        generated = cohort.generate(side, cand)  # (N, kmax, longest vector), or None when stored
+        factors, valid = [], []
+        for bank, rows in zip(cohort.banks, cohort.rows):
+            f, ok = self._move_vectors(bank, side, pos[rows], cand[rows], chosen[rows],
+                                       None if generated is None else generated[rows])
+            factors.append(f)
+            valid.append(ok)
+        valid = torch.cat(valid)
+        self._skipped += (chosen ^ valid).sum()
+        index.scatter_(1, pos, torch.where(valid, cand, index.gather(1, pos)))
+        partner_frozen.scatter_(1, pos, torch.where(valid, self.config.freeze_steps, partner_frozen.gather(1, pos)))
+        last = torch.where(valid, order.gather(1, pos), -1).amax(dim=1)  # -1: nothing switched, ptr stays
+        ptr.add_(last + 1).remainder_(r)
+        self._switched[side] += valid.sum()
+        return factors
+
+    def _move_vectors(self, bank: _Bank, side: int, pos: torch.Tensor, cand: torch.Tensor, chosen: torch.Tensor,
+                      generated: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Put the candidates into ``bank``'s factors at ``pos`` (n, k) where ``chosen`` and the vectors
+        involved are finite; reset the partners' optimizer state. Returns W's factors and the mask of
+        switches done."""
+        n, kmax = pos.shape
+        rows, cols = bank.rows, bank.cols
+        A, B = bank.a_group.flat(), bank.b_group.flat()  # (n, r, cols), (n, rows, r)
+        a_idx = pos.unsqueeze(-1).expand(n, kmax, cols)
+        b_idx = pos.unsqueeze(1).expand(n, rows, kmax)
         a_sel, b_sel = A.gather(1, a_idx), B.gather(2, b_idx)
-        # invalid slots (frozen-out, beyond this adapter's count, no candidate left, non-finite
-        # adapter) contribute exact zeros: masked with where(), since NaN * 0 is still NaN
+        # both vectors of a slot enter W's update: a NaN/Inf in either skips that switch alone
+        valid = chosen & a_sel.sum(2).add_(b_sel.sum(1)).isfinite()
+        new = (bank.candidates(side, cand) if generated is None
+               else generated[..., :cols if side == SIDE_A else rows].to(A.dtype))
+        rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
+        # skipped slots contribute exact zeros: masked with where(), since NaN * 0 is still NaN
         if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c);  A[i] = c;  B[:, i]'s state resets
             factors = torch.where(cols_ok, b_sel, 0), torch.where(rows_ok, a_sel - new, 0)
             A.scatter_(1, a_idx, torch.where(rows_ok, new, a_sel))
@@ -172,19 +196,14 @@ class Switcher:
             factors = torch.where(cols_ok, b_sel - new_t, 0), torch.where(rows_ok, a_sel, 0)
             B.scatter_(2, b_idx, torch.where(cols_ok, new_t, b_sel))
             partner, vec_dim, moment_idx = bank.a_group, 1, a_idx
-        index.scatter_(1, pos, torch.where(valid, cand, index.gather(1, pos)))
-        partner_frozen.scatter_(1, pos, torch.where(valid, self.config.freeze_steps, partner_frozen.gather(1, pos)))
         if self.config.reset_vector_state and isinstance(self.optimizer, AdamW):
             # zero the switched vectors' partners' moments and steps: a product with 0 (reset) or 1
-            # (invalid slot) touches only the k vectors, not the whole state
+            # (skipped slot) touches only the k vectors, not the whole state
             state = self.optimizer.vector_state(partner)
-            keep = (~valid).unsqueeze(3 - vec_dim)  # (N, 1, k) for B's columns, (N, k, 1) for A's rows
+            keep = (~valid).unsqueeze(3 - vec_dim)  # (n, 1, k) for B's columns, (n, k, 1) for A's rows
             for name, idx in (("exp_avg", moment_idx), ("exp_avg_sq", moment_idx), ("step", pos.unsqueeze(3 - vec_dim))):
                 state[name].scatter_reduce_(vec_dim, idx, keep.to(state[name].dtype).expand(idx.shape), "prod")
-        last = torch.where(valid, order.gather(1, pos), -1).amax(dim=1)  # -1: nothing switched, ptr stays
-        ptr.add_(last + 1).remainder_(r)
-        self._switched[side] += valid.sum()
-        return factors
+        return factors, valid
 
     # -- ReLoRA ------------------------------------------------------------------------
     @torch.no_grad()
@@ -209,8 +228,8 @@ class Switcher:
     def _warn_skips(self) -> None:
         if not self._warned and int(self._skipped) > 0:
             self._warned = True
-            warnings.warn(f"dynlora: {int(self._skipped)} switches were skipped because an adapter or its gradient "
-                          "held NaN/Inf; W absorbed none of them. Lower the learning rate or clip gradients.",
+            warnings.warn(f"dynlora: {int(self._skipped)} switches were skipped because the adapter vectors to "
+                          "switch held NaN/Inf; W absorbed none of them. Lower the learning rate or clip gradients.",
                           RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
@@ -255,8 +274,8 @@ class Switcher:
             ad.seed = self.seed  # candidates are a function of the run's seed
             for key in _BOOKKEEPING:
                 getattr(ad, key).copy_(entry[key])
-        for bank in self._banks:  # the seed may have changed: candidate keys and tables follow it
-            bank.refresh(force=True)
+        for cohort in self._cohorts:  # the seed may have changed: candidate keys and tables follow it
+            cohort.refresh(force=True)
 
     def detach(self) -> None:
         """Remove the hooks: the optimizer steps like a plain one again."""
@@ -284,70 +303,51 @@ def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _make_banks(adapters: list[Adapter], optimizer: AdamW, stored: bool) -> list[_Bank]:
-    """Adapters of one shape, dtype, device and param group share a bank (see :class:`_Bank`)."""
+def _make_cohorts(adapters: list[Adapter], optimizer: AdamW, stored: bool) -> list[_Cohort]:
+    """Adapters of one shape, dtype, device and param group share a bank; banks of one rank,
+    candidate count and device share a cohort."""
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    groups: dict[tuple, list[tuple[int, Adapter]]] = {}
+    banks: dict[tuple, list[tuple[int, Adapter]]] = {}
     for i, ad in enumerate(adapters):
         t = ad.target
         key = (t.rows, t.cols, t.rank, t.batch, ad.A.dtype, ad.A.device, group_of[id(ad.A)], group_of[id(ad.B)])
-        groups.setdefault(key, []).append((i, ad))
-    return [_Bank(members, optimizer, stored) for members in groups.values()]
+        banks.setdefault(key, []).append((i, ad))
+    cohorts: dict[tuple, list[list[tuple[int, Adapter]]]] = {}
+    for members in banks.values():
+        first = members[0][1]
+        cohorts.setdefault((first.target.rank, first.num_candidates, first.A.device), []).append(members)
+    return [_Cohort(groups, optimizer, stored) for groups in cohorts.values()]
 
 
 class _Bank:
-    """Adapters of identical shape, rank, dtype and device, switched and optimised together.
+    """Adapters of identical shape, rank, dtype and device: their ``A`` s are views of one
+    ``(n, r, cols)`` tensor and their ``B`` s of one ``(n, rows, r)`` (``VectorGroup``, n = G
+    adapters x E experts), as are their AdamW moments, so moving vectors is one gather and one
+    scatter per side for the whole bank. The weights stay the model's own tensors."""
 
-    Their ``A`` s are views of one ``(N, r, cols)`` tensor and their ``B`` s of one ``(N, rows, r)``
-    (``VectorGroup``, N = G adapters x E experts), as are their optimizer moments; bookkeeping
-    (in-use indices, freeze counters, pointers) is stacked to ``(N, r)`` / ``(N,)`` with each
-    adapter's buffers views of it. One switching step is then a few ops per bank, plus one
-    rank-2k update per ``W`` (the weights stay the model's own tensors)."""
-
-    def __init__(self, members: list[tuple[int, Adapter]], optimizer: AdamW, stored: bool):
-        self.positions = [i for i, _ in members]
+    def __init__(self, cohort: _Cohort, rows: slice, members: list[tuple[int, Adapter]], optimizer: AdamW):
+        self.cohort, self.row_range = cohort, rows
         self.adapters = [ad for _, ad in members]
-        first = self.adapters[0]
-        t = first.target
+        t = self.adapters[0].target
         self.r, self.rows, self.cols, self.batch = t.rank, t.rows, t.cols, t.batch
         self.E, self.G = math.prod(t.batch), len(self.adapters)
-        self.GE, self.K = self.E * self.G, first.num_candidates
-        self.stored = stored
+        self.GE, self.K = self.E * self.G, self.adapters[0].num_candidates
         self._weights: list[torch.Tensor] | None = None
-        self.views: dict[int, dict[str, torch.Tensor]] = {}
-        self.refresh(force=True)
-        self.a_group = VectorGroup([ad.A for ad in self.adapters], -2, lambda: self.a_frozen)
-        self.b_group = VectorGroup([ad.B for ad in self.adapters], -1, lambda: self.b_frozen)
+        self.tables: dict[int, torch.Tensor] = {}
+        self.a_group = VectorGroup([ad.A for ad in self.adapters], -2, lambda: self.cohort.a_frozen[self.row_range])
+        self.b_group = VectorGroup([ad.B for ad in self.adapters], -1, lambda: self.cohort.b_frozen[self.row_range])
         optimizer.register_vectors(self.a_group)
         optimizer.register_vectors(self.b_group)
 
-    def refresh(self, force: bool = False) -> None:
-        """(Re)stack the bookkeeping and candidate keys if something replaced the adapters'
-        buffers (``.to()``, ``load_state_dict(assign=True)``) or ``force`` (a new seed)."""
-        if not force and all(ad._buffers[k] is v for ad in self.adapters for k, v in self.views[id(ad)].items()):
-            return
+    def restack(self, stored: bool) -> None:
+        """Device-bound constants (scale, stored candidate tables), rebuilt with the cohort's keys."""
         first = self.adapters[0]
-        self.device, self.p_dtype = first.A.device, first.A.dtype
-        stacked: dict[str, torch.Tensor] = {}
-        for key in _BOOKKEEPING:
-            rows = torch.stack([getattr(ad, key).reshape(self.E, -1) for ad in self.adapters])
-            stacked[key] = rows.reshape(self.GE, -1) if key.endswith(("index", "frozen")) else rows.reshape(self.GE)
-            for g, ad in enumerate(self.adapters):
-                ad._buffers[key] = stacked[key][g * self.E:(g + 1) * self.E].view(getattr(ad, key).shape)
-        self.a_index, self.b_index = stacked["a_index"], stacked["b_index"]
-        self.a_frozen, self.b_frozen = stacked["a_frozen"], stacked["b_frozen"]
-        self.a_ptr, self.b_ptr = stacked["a_ptr"], stacked["b_ptr"]
-        self.views = {id(ad): {k: ad._buffers[k] for k in _BOOKKEEPING} for ad in self.adapters}
-        self.slots = torch.arange(self.r, device=self.device)
-        self.base = torch.cat([ad.base_keys() for ad in self.adapters]).unsqueeze(1)  # (N, 1)
-        self.bounds = {side: torch.tensor([ad.bound_a if side == SIDE_A else ad.bound_b for ad in self.adapters],
-                                          device=self.device).repeat_interleave(self.E).view(self.GE, 1)
-                       for side in (SIDE_A, SIDE_B)}
+        self.p_dtype = first.A.dtype
         self.scale = torch.stack([ad.scale for ad in self.adapters]).repeat_interleave(self.E).view(self.GE, 1, 1)
         self._weights = None
-        self.tables: dict[int, torch.Tensor] = {}
-        if self.stored:  # every candidate, computed once: (N, K, length) per side
-            every = torch.arange(self.K, device=self.device).expand(self.GE, self.K)
+        self.tables = {}
+        if stored:  # every candidate, computed once: (n, K, length) per side
+            every = torch.arange(self.K, device=first.A.device).expand(self.GE, self.K)
             for side in (SIDE_A, SIDE_B):
                 self.tables[side] = self._generate(side, every)
             for g, ad in enumerate(self.adapters):
@@ -359,7 +359,8 @@ class _Bank:
 
     def _generate(self, side: int, index: torch.Tensor) -> torch.Tensor:
         length = self.cols if side == SIDE_A else self.rows
-        return candidate_vectors(candidate_keys(self.base, side, index), length, self.bounds[side],
+        c, rows = self.cohort, self.row_range
+        return candidate_vectors(candidate_keys(c.base[rows], side, index), length, c.bounds[side][rows],
                                  dtype=self.p_dtype)
 
     def candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
@@ -368,13 +369,67 @@ class _Bank:
             return self._generate(side, index)
         return table.gather(1, index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
-    def finite(self) -> torch.Tensor:
-        """(N,) bool: the adapter's A and B are finite. A NaN/Inf gradient reaches them through
-        dl.AdamW's update, so checking the factors after the step covers the gradients too."""
-        a, b = self.a_group.flat(), self.b_group.flat()
-        return a.view(self.GE, -1).sum(1).add_(b.view(self.GE, -1).sum(1)).isfinite()
-
     def weight_views(self, gm: DynLoRAModule) -> list[torch.Tensor]:
         if self._weights is None:
             self._weights = [gm.model.get_parameter(ad.target.weight) for ad in self.adapters]
         return [w.view(self.E, self.rows, self.cols) for w in self._weights]
+
+
+class _Cohort:
+    """Banks whose adapters share rank ``r``, candidate count ``K`` and device. Their bookkeeping
+    (in-use indices, freeze counters, pointers) is stacked to ``(N, r)`` / ``(N,)`` over all N
+    matrices, each adapter's buffers views of it, so choosing slots and candidates is one set
+    of ops for all of them per side."""
+
+    def __init__(self, groups: list[list[tuple[int, Adapter]]], optimizer: AdamW, stored: bool):
+        self.stored = stored
+        self.adapters = [ad for members in groups for _, ad in members]
+        self.positions = [i for members in groups for i, _ in members]
+        first = self.adapters[0]
+        self.r, self.K = first.target.rank, first.num_candidates
+        self.experts_list = [math.prod(ad.target.batch) for ad in self.adapters]
+        self.N = sum(self.experts_list)
+        self.views: dict[int, dict[str, torch.Tensor]] = {}
+        self.banks, self.rows, start = [], [], 0
+        for members in groups:
+            n = math.prod(members[0][1].target.batch) * len(members)
+            self.rows.append(slice(start, start + n))
+            self.banks.append(_Bank(self, self.rows[-1], members, optimizer))
+            start += n
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        """(Re)stack the bookkeeping and candidate keys if something replaced the adapters'
+        buffers (``.to()``, ``load_state_dict(assign=True)``) or ``force`` (a new seed)."""
+        if not force and all(ad._buffers[k] is v for ad in self.adapters for k, v in self.views[id(ad)].items()):
+            return
+        self.device = self.adapters[0].A.device
+        stacked: dict[str, torch.Tensor] = {}
+        for key in _BOOKKEEPING:
+            parts = [getattr(ad, key).reshape(e, -1) for ad, e in zip(self.adapters, self.experts_list)]
+            stacked[key] = torch.cat(parts) if key.endswith(("index", "frozen")) else torch.cat(parts).view(-1)
+            start = 0
+            for ad, e in zip(self.adapters, self.experts_list):
+                ad._buffers[key] = stacked[key][start:start + e].view(getattr(ad, key).shape)
+                start += e
+        self.a_index, self.b_index = stacked["a_index"], stacked["b_index"]
+        self.a_frozen, self.b_frozen = stacked["a_frozen"], stacked["b_frozen"]
+        self.a_ptr, self.b_ptr = stacked["a_ptr"], stacked["b_ptr"]
+        self.views = {id(ad): {k: ad._buffers[k] for k in _BOOKKEEPING} for ad in self.adapters}
+        self.slots = torch.arange(self.r, device=self.device)
+        self.experts = torch.tensor(self.experts_list, device=self.device)
+        self.base = torch.cat([ad.base_keys() for ad in self.adapters]).unsqueeze(1)  # (N, 1)
+        self.bounds = {side: torch.tensor([ad.bound_a if side == SIDE_A else ad.bound_b for ad in self.adapters],
+                                          device=self.device).repeat_interleave(self.experts).view(self.N, 1)
+                       for side in (SIDE_A, SIDE_B)}
+        # seeded candidates are generated for the whole cohort at the longest vector length; a
+        # candidate's first L entries are the same whatever length is generated
+        self.longest = {SIDE_A: max(b.cols for b in self.banks), SIDE_B: max(b.rows for b in self.banks)}
+        for bank in self.banks:
+            bank.restack(self.stored)
+
+    def generate(self, side: int, cand: torch.Tensor) -> torch.Tensor | None:
+        """Seeded candidates ``cand`` (N, k) of every row at the longest length; None when stored."""
+        if self.stored:
+            return None
+        return candidate_vectors(candidate_keys(self.base, side, cand), self.longest[side], self.bounds[side])
