@@ -1,9 +1,9 @@
 """Training-step speed and memory: SwitchLoRA against full-rank, LoRA and the reference loop.
 
 All variants of a setting live in one process and are timed interleaved — round-robin over
-the variants (rotating the starting variant each round), several rounds — and every number
-reported is a median over the timed steps, so load on a shared machine hits all variants
-alike. Variants never share state: each gets a freshly built model (same init seed), its
+the variants (rotating the starting variant each round), several rounds. Times are medians over
+the timed steps; ratios ("vs full-rank", "compiled/eager") are medians over rounds of the ratio
+within a round, so load that drifts on a shared machine cancels. Variants never share state: each gets a freshly built model (same init seed), its
 own optimizer and switcher, and is warmed up before timing.
 
 Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
@@ -286,6 +286,8 @@ def timed_rounds(variants: list[Variant], batches: list, rounds: int, per_round:
         if v.switcher is not None:
             v.info["switched_before"] = v.switcher.num_switched()
             v.info["switch_step_first"] = v.switcher.step
+    for v in variants:
+        v.info["steps_per_round"] = per_round
     for r in range(rounds if variants else 0):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # rotate who goes first
@@ -345,7 +347,7 @@ def summarize(v: Variant, tokens: int) -> dict[str, Any]:
         "switch_pre_ms": median(col("pre")) if v.switcher is not None else 0.0,
         "switch_post_ms": median(col("post")) if v.switcher is not None else 0.0,
         "tokens_per_s": tokens / (step_ms / 1e3),
-        "step_ms_all": step,
+        "step_ms_all": step, "steps_per_round": v.info["steps_per_round"],
     }
     # median of per-step shares, not a ratio of medians
     rec["switch_share"] = median([a / b for a, b in zip(sw_ms, step)]) if v.switcher is not None else 0.0
@@ -358,26 +360,34 @@ def summarize(v: Variant, tokens: int) -> dict[str, Any]:
     return rec
 
 
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over rounds of a's mean step time over b's in the same round: both ran back to back,
+    so load that drifts over the run cancels (the ratio of overall medians would keep it)."""
+    k = a["steps_per_round"]
+    rounds = lambda r: [sum(r["step_ms_all"][i:i + k]) for i in range(0, len(r["step_ms_all"]), k)]  # noqa: E731
+    return median([x / y for x, y in zip(rounds(a), rounds(b))])
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
     by = {(r["method"], r["mode"]): r for r in records}
     for r in records:
         full = by.get(("full-rank", r["mode"]))
         full_eager = by.get(("full-rank", "eager"))
         if full:
-            r["step_vs_full"] = r["step_ms"] / full["step_ms"]
+            r["step_vs_full"] = paired_ratio(r, full)
         if full_eager:
             r["state_vs_full"] = r["state_bytes"] / full_eager["state_bytes"]
         lora = by.get(("lora", r["mode"]))
         if lora:
-            r["step_vs_lora"] = r["step_ms"] / lora["step_ms"]
+            r["step_vs_lora"] = paired_ratio(r, lora)
         eager = by.get((r["method"], "eager"))
         if r["mode"] == "compiled" and eager:
-            r["compiled_vs_eager"] = r["step_ms"] / eager["step_ms"]
+            r["compiled_vs_eager"] = paired_ratio(r, eager)
         if "switch_ms_run_avg" in r:
             r["step_ms_run_avg"] = r["step_ms"] - r["switch_ms"] + r["switch_ms_run_avg"]
             r["switch_share_run_avg"] = r["switch_ms_run_avg"] / r["step_ms_run_avg"]
             if full:
-                r["step_vs_full_run_avg"] = r["step_ms_run_avg"] / full["step_ms"]
+                r["step_vs_full_run_avg"] = r["step_vs_full"] * r["step_ms_run_avg"] / r["step_ms"]
 
 
 # ---------------------------------------------------------------------------------------------

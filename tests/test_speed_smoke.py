@@ -1,0 +1,38 @@
+"""Smoke run of benchmarks/speed.py (``--quick``: tiny model, eager, every variant, the form sweep).
+
+Checks the JSON it writes: every variant measured, finite positive times, the switching variants
+switched, ratios present, the form sweep covering every shape x rank x tokens. No assertion on
+which variant is faster. Runs in a subprocess: the script sets threads and denormal flushing.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_quick(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    setting = result["settings"][0]  # --quick: two small settings
+    assert all(not s["failed"] for s in result["settings"])
+    by = {r["method"]: r for r in setting["variants"]}
+    assert set(by) == {"full-rank", "lora", "switchlora-seeded", "switchlora-stored", "switchlora-reference"}
+    for r in by.values():
+        assert r["mode"] == "eager" and r["timed_steps"] > 0
+        assert all(math.isfinite(x) and x > 0 for x in (r["step_ms"], r["tokens_per_s"], r["state_bytes"]))
+        assert math.isfinite(r["step_vs_full"]) and r["step_vs_full"] > 0
+    for m in ("switchlora-seeded", "switchlora-stored", "switchlora-reference"):
+        assert by[m]["switched_per_adapter_step"] > 0 and 0 < by[m]["switch_share"] < 1
+    assert by["switchlora-stored"]["state_bytes"] > by["switchlora-seeded"]["state_bytes"]  # candidate tables
+    sweep = result["form_sweep"]
+    shapes = {(x["rows"], x["cols"]) for x in sweep["rows"]}
+    assert len(sweep["rows"]) == len(shapes) * len(result["args"]["form_ranks"]) * len(result["args"]["form_tokens"])
+    assert all(x["auto_picks"] in ("activation", "weight") and x["activation_ms"] > 0 and x["weight_ms"] > 0
+               for x in sweep["rows"])
