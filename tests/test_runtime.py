@@ -346,3 +346,18 @@ def test_bundle_weights_round_trip_while_factors_share_stacked_storage(tmp_path)
     load_model(fresh, str(tmp_path / "weights.safetensors"))
     for (name, v), w in zip(gm.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(v, w), name
+
+
+def test_attaching_after_some_steps_keeps_the_optimizer_state():
+    gm, x = build(rank=8)
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    target = run(gm, opt, x, 3)  # no switcher yet: stock AdamW for every parameter
+    ad = gm.adapter("up.weight")
+    before = {k: v.clone() for k, v in opt.state[ad.A].items()}
+    dl.attach(gm, opt, 100)
+    st = opt.vector_state(ad.A)
+    assert torch.equal(st["exp_avg"], before["exp_avg"]) and torch.equal(st["exp_avg_sq"], before["exp_avg_sq"])
+    assert st["step"].shape == (8, 1) and torch.all(st["step"] == 3)  # the tensor-wide step, per vector
+    run(gm, opt, x, 2, target)
+    steps = opt.vector_state(ad.A)["step"].flatten()
+    assert (steps == 5).sum() >= 6 and torch.all((steps == 5) | (steps <= 2))  # a few reset by switches

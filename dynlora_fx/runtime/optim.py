@@ -110,8 +110,8 @@ class AdamW(torch.optim.AdamW):
             old, rows = self.state.get(p, {}), slice(i * per, (i + 1) * per)
             for key in _MOMENTS:
                 if key in old:  # a tensor-wide step broadcasts to every vector
-                    stacked[key][rows].copy_(torch.as_tensor(old[key]).reshape(-1, *stacked[key].shape[1:])
-                                             if old[key].numel() > 1 else old[key])
+                    dest = stacked[key][rows]
+                    dest.copy_(old[key].reshape(dest.shape) if old[key].numel() > 1 else old[key])
             self.state[p] = {key: stacked[key][rows].view(self._state_shape(p, key, group.dim)) for key in _MOMENTS}
         return stacked
 

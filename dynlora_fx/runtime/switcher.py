@@ -126,13 +126,16 @@ class Switcher:
             by_side = [self._switch_side(cohort, side, kmax, k_per_row) for side in (SIDE_A, SIDE_B)]
             for bank, (left_a, right_a), (left_b, right_b) in zip(cohort.banks, *by_side):
                 # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
-                left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).split(bank.E)
-                right = torch.cat([right_a, right_b], dim=1).split(bank.E)
-                for w, lhs, rhs in zip(bank.weight_views(self.gm), left, right):
-                    if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
-                        w[0].addmm_(lhs[0].to(w.dtype), rhs[0].to(w.dtype))
-                    else:
-                        w.baddbmm_(lhs.to(w.dtype), rhs.to(w.dtype))
+                weights = bank.weight_views(self.gm)
+                dtype = weights[0].dtype
+                left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(dtype)
+                right = torch.cat([right_a, right_b], dim=1).to(dtype)
+                if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
+                    for w, lhs, rhs in zip(weights, left.unbind(0), right.unbind(0)):
+                        w.addmm_(lhs, rhs)
+                else:
+                    for w, lhs, rhs in zip(weights, left.split(bank.E), right.split(bank.E)):
+                        w.baddbmm_(lhs, rhs)
 
     def _switch_side(self, cohort: _Cohort, side: int, kmax: int,
                      k_per_row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -333,6 +336,8 @@ class _Bank:
         self.E, self.G = math.prod(t.batch), len(self.adapters)
         self.GE, self.K = self.E * self.G, self.adapters[0].num_candidates
         self._weights: list[torch.Tensor] | None = None
+        self._weight_ptrs: list[int] = []
+        self._weight_views: list[torch.Tensor] = []
         self.tables: dict[int, torch.Tensor] = {}
         self.a_group = VectorGroup([ad.A for ad in self.adapters], -2, lambda: self.cohort.a_frozen[self.row_range])
         self.b_group = VectorGroup([ad.B for ad in self.adapters], -1, lambda: self.cohort.b_frozen[self.row_range])
@@ -370,9 +375,14 @@ class _Bank:
         return table.gather(1, index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
     def weight_views(self, gm: DynLoRAModule) -> list[torch.Tensor]:
-        if self._weights is None:
+        """Each adapter's W as a (rows, cols) matrix, or (E, rows, cols) for stacked experts;
+        cached while the weights keep their storage."""
+        if self._weights is None or any(w.data_ptr() != ptr for w, ptr in zip(self._weights, self._weight_ptrs)):
             self._weights = [gm.model.get_parameter(ad.target.weight) for ad in self.adapters]
-        return [w.view(self.E, self.rows, self.cols) for w in self._weights]
+            self._weight_ptrs = [w.data_ptr() for w in self._weights]
+            shape = (self.rows, self.cols) if self.E == 1 else (self.E, self.rows, self.cols)
+            self._weight_views = [w.detach().view(shape) for w in self._weights]
+        return self._weight_views
 
 
 class _Cohort:
