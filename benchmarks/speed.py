@@ -27,11 +27,13 @@ step). For the run average, the switcher's hooks are also timed at a grid of pos
 ``x = t / T`` through a run and integrated over ``x`` (``switch ms/step, run avg``), and the
 analytic ratio mean_t(r / interval(t)) / peak is reported.
 
-A second part sweeps the adapter form — ``SwitchLoRA(form="activation")`` (a branch costing
-about 3·T·r·(m+n) multiply-adds per step for T tokens) against ``form="weight"`` (the
-product s·B·A, r·m·n, plus a full-size weight gradient, T·m·n, and the factor gradients,
-2·r·m·n) — over tokens/step and rank, eager, and reports where the measured ratio crosses 1
-next to the crossover the multiply-add counts predict.
+A second part sweeps the adapter form per op: for every adapted weight shape of the model, rank
+and tokens/step, the forward + backward of ``x @ W'.T`` (x needing its gradient, as inside a
+network) with the activation branch (about 3·T·r·(m+n) multiply-adds on top of the frozen op)
+and with the weight-space form as ``insert_adapters`` writes it (``addmm(W, s·B, A)``: r·m·n
+forward, the factor gradients 2·r·m·n and the full weight gradient T·m·n), timed interleaved.
+It reports the ratio, the form ``form="auto"`` picks (``find_targets.choose_form``), and where
+the measured ratio crosses 1 next to where the library's cost model puts it.
 
 Usage::
 
@@ -39,6 +41,7 @@ Usage::
     python benchmarks/speed.py --quick              # seconds-long smoke test (tiny model, eager)
     python benchmarks/speed.py --no-compile --threads 1 --markdown
     python benchmarks/speed.py --settings 8x128,8x512 --variants full-rank,switchlora-seeded
+    python benchmarks/speed.py --settings "" --markdown   # the form sweep alone
 
 Writes JSON (``--out``, default ``benchmarks/results/speed.json``) and prints tables to
 stdout (``--markdown``: GitHub markdown for the README); progress goes to stderr.
@@ -311,7 +314,7 @@ def timed_rounds(variants: list[Variant], batches: list, rounds: int, per_round:
 @torch.no_grad()
 def run_average_switch(v: Variant, calls: int, device: torch.device) -> dict[str, Any]:
     """Time the post-step hook (the switching) at positions x = t/T through a run and integrate
-    over x; the pre-step hook (masking frozen gradients) costs the same at every rate."""
+    over x; the pre-step hook (a check that the stacked bookkeeping is current) costs the same at every rate."""
     sw, opt = v.switcher, v.optimizer
     saved = sw.step
     per_x = []
