@@ -361,3 +361,30 @@ def test_attaching_after_some_steps_keeps_the_optimizer_state():
     run(gm, opt, x, 2, target)
     steps = opt.vector_state(ad.A)["step"].flatten()
     assert (steps == 5).sum() >= 6 and torch.all((steps == 5) | (steps <= 2))  # a few reset by switches
+
+
+def test_moving_the_module_after_attaching_restacks_and_keeps_training():
+    gm, x = build(rank=8, interval=3, freeze_steps=1)
+    # adapters only: torch's own AdamW state does not follow a module moved after the first step
+    opt = dl.AdamW([p for n, p in gm.named_parameters() if n.startswith("adapters.")], lr=1e-2)
+    sw = dl.attach(gm, opt, 100)
+    target = run(gm, opt, x, 3)
+    gm.double()  # new storage for every parameter and floating buffer: stacks are rebuilt lazily
+    x, target = x.double(), target.double()
+    run(gm, opt, x, 3, target)
+    ad = gm.adapter("up.weight")
+    assert ad.A.dtype == torch.float64 and opt.vector_state(ad.A)["exp_avg"].dtype == torch.float64
+    with torch.no_grad():
+        before = gm(x)
+    opt.zero_grad()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    lr = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = 0.0
+    switched = sw.num_switched()
+    opt.step()  # switches only
+    opt.param_groups[0]["lr"] = lr
+    assert sw.num_switched()[0] > switched[0]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before, rtol=1e-9, atol=1e-9)

@@ -165,7 +165,7 @@ class AdamW(torch.optim.AdamW):
             return
         flat = group.flat()
         state = self._flat_state[id(group)]
-        if state["exp_avg"].device != flat.device:  # the module moved after attaching
+        if state["exp_avg"].device != flat.device or state["exp_avg"].dtype != flat.dtype:  # moved after attaching
             state = self._flat_state[id(group)] = self._stack_state(group)
         step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = hp["betas"]
@@ -175,7 +175,7 @@ class AdamW(torch.optim.AdamW):
             present = torch.tensor([g is not None for g in grads], device=flat.device)
             active *= present.repeat_interleave(len(flat) // len(grads)).view(-1, 1, 1)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(group.params, grads)]
-        grad = torch.stack(grads).view_as(flat).mul_(active)  # frozen vectors see exactly zero
+        grad = torch.stack(grads).view_as(flat).mul_(active)  # frozen vectors see zero
         step.add_(active)
         if wd:
             flat.mul_(1 - lr * wd * active)
