@@ -3,8 +3,9 @@
 All variants of a setting live in one process and are timed interleaved — round-robin over
 the variants (rotating the starting variant each round), several rounds. Times are medians over
 the timed steps; ratios ("vs full-rank", "compiled/eager") are medians over rounds of the ratio
-within a round, so load that drifts on a shared machine cancels. Variants never share state: each gets a freshly built model (same init seed), its
-own optimizer and switcher, and is warmed up before timing.
+within a round, so load that drifts on a shared machine cancels. Variants never share state:
+each gets a freshly built model (same init seed), its own optimizer and switcher, and is warmed
+up before timing.
 
 Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
 

@@ -204,7 +204,8 @@ class Switcher:
             # (skipped slot) touches only the k vectors, not the whole state
             state = self.optimizer.vector_state(partner)
             keep = (~valid).unsqueeze(3 - vec_dim)  # (n, 1, k) for B's columns, (n, k, 1) for A's rows
-            for name, idx in (("exp_avg", moment_idx), ("exp_avg_sq", moment_idx), ("step", pos.unsqueeze(3 - vec_dim))):
+            step_idx = pos.unsqueeze(3 - vec_dim)
+            for name, idx in (("exp_avg", moment_idx), ("exp_avg_sq", moment_idx), ("step", step_idx)):
                 state[name].scatter_reduce_(vec_dim, idx, keep.to(state[name].dtype).expand(idx.shape), "prod")
         return factors, valid
 
