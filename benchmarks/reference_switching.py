@@ -29,7 +29,7 @@ class ReferenceSwitcher(Switcher):
             self.tables[id(ad)] = (ad.generate_candidates(SIDE_A, every).reshape(E, ad.num_candidates, -1),
                                    ad.generate_candidates(SIDE_B, every).reshape(E, ad.num_candidates, -1))
 
-    def _switch_side(self, cohort, side, kmax, k_per_row):
+    def _switch_side(self, cohort, side, kmax, k_per_row, bank_ks):
         """One side of every adapter in ``cohort``, one vector at a time (the runtime's per-vector NaN
         guard is not part of the reference). Draws the same ``rand(N, K)`` as the batched runtime."""
         draw = torch.rand(cohort.N, cohort.K, generator=self._device_gen, device=cohort.device)

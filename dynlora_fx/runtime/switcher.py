@@ -123,25 +123,33 @@ class Switcher:
             if kmax == 0:
                 continue
             k_per_row = _host_to_device(ks, cohort.device).repeat_interleave(cohort.experts)
-            by_side = [self._switch_side(cohort, side, kmax, k_per_row) for side in (SIDE_A, SIDE_B)]
-            for bank, (left_a, right_a), (left_b, right_b) in zip(cohort.banks, *by_side):
+            bank_ks = [ks[span] for span in cohort.spans]  # host ints: banks and Ws without a switch are skipped
+            by_side = [self._switch_side(cohort, side, kmax, k_per_row, bank_ks) for side in (SIDE_A, SIDE_B)]
+            for bank, counts_of, side_a, side_b in zip(cohort.banks, bank_ks, *by_side):
+                if max(counts_of) == 0:
+                    continue
+                (left_a, right_a), (left_b, right_b) = side_a, side_b
                 # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
                 weights = bank.weight_views(self.gm)
                 dtype = weights[0].dtype
                 left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(dtype)
                 right = torch.cat([right_a, right_b], dim=1).to(dtype)
                 if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
-                    for w, lhs, rhs in zip(weights, left.unbind(0), right.unbind(0)):
-                        w.addmm_(lhs, rhs)
+                    pairs = zip(weights, left.unbind(0), right.unbind(0), counts_of)
+                    for w, lhs, rhs, k in pairs:
+                        if k:
+                            w.addmm_(lhs, rhs)
                 else:
-                    for w, lhs, rhs in zip(weights, left.split(bank.E), right.split(bank.E)):
-                        w.baddbmm_(lhs, rhs)
+                    for w, lhs, rhs, k in zip(weights, left.split(bank.E), right.split(bank.E), counts_of):
+                        if k:
+                            w.baddbmm_(lhs, rhs)
 
-    def _switch_side(self, cohort: _Cohort, side: int, kmax: int,
-                     k_per_row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _switch_side(self, cohort: _Cohort, side: int, kmax: int, k_per_row: torch.Tensor,
+                     bank_ks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Switch up to ``k`` vectors of ``side`` in every adapter of ``cohort``: slots and candidates
-        are chosen for all its N matrices at once, vectors moved bank by bank. Returns per bank the
-        factors (n, rows, k), (n, k, cols) whose product W must absorb (unscaled)."""
+        are chosen for all its N matrices at once, vectors moved bank by bank (``bank_ks``: each bank's
+        per-adapter counts; a bank with none is skipped). Returns per bank the factors (n, rows, k),
+        (n, k, cols) whose product W must absorb (unscaled), or None."""
         r, N = cohort.r, cohort.N
         if side == SIDE_A:
             frozen, ptr, index, partner_frozen = cohort.a_frozen, cohort.a_ptr, cohort.a_index, cohort.b_frozen
@@ -159,7 +167,11 @@ class Switcher:
         chosen &= draw.gather(1, cand) < 2.0
         generated = cohort.generate(side, cand)  # (N, kmax, longest vector), or None when stored
         factors, valid = [], []
-        for bank, rows in zip(cohort.banks, cohort.rows):
+        for bank, rows, counts_of in zip(cohort.banks, cohort.rows, bank_ks):
+            if max(counts_of) == 0:  # chosen[rows] is all False: nothing of this bank moves
+                factors.append(None)
+                valid.append(chosen[rows])
+                continue
             f, ok = self._move_vectors(bank, side, pos[rows], cand[rows], chosen[rows],
                                        None if generated is None else generated[rows])
             factors.append(f)
@@ -401,12 +413,14 @@ class _Cohort:
         self.experts_list = [math.prod(ad.target.batch) for ad in self.adapters]
         self.N = sum(self.experts_list)
         self.views: dict[int, dict[str, torch.Tensor]] = {}
-        self.banks, self.rows, start = [], [], 0
-        for members in groups:
+        self.banks, self.rows, self.spans, start, first_adapter = [], [], [], 0, 0
+        for members in groups:  # rows: the bank's matrices in the stacks; spans: its adapters in the cohort
             n = math.prod(members[0][1].target.batch) * len(members)
             self.rows.append(slice(start, start + n))
+            self.spans.append(slice(first_adapter, first_adapter + len(members)))
             self.banks.append(_Bank(self, self.rows[-1], members, optimizer))
             start += n
+            first_adapter += len(members)
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> None:
