@@ -2,7 +2,7 @@
 
 One Python loop iteration per switched vector, candidates stored in memory, as the
 paper's code does it. It consumes the same generator draws as ``dl.Switcher`` (counts
-from the CPU generator, one ``rand(E, K)`` per adapter side from the device generator),
+from the CPU generator, one ``rand(N, K)`` per cohort side from the device generator),
 so from the same seed both must produce the same parameters; the speed benchmark
 times it against the batched runtime.
 """
@@ -38,10 +38,7 @@ class ReferenceSwitcher(Switcher):
             for e in range(experts):
                 self._switch_vectors(ad, e, side, int(k_per_row[row]), draw[row])
                 row += 1
-        # W was updated vector by vector above: nothing left for the batched absorption
-        return [(torch.zeros(bank.GE, bank.rows, 0, dtype=bank.p_dtype, device=cohort.device),
-                 torch.zeros(bank.GE, 0, bank.cols, dtype=bank.p_dtype, device=cohort.device))
-                for bank in cohort.banks]
+        return [None] * len(cohort.banks)  # W was updated vector by vector above: nothing left to absorb
 
     def _switch_vectors(self, ad, e, side, k, draw):
         t = ad.target

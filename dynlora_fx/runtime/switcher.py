@@ -126,7 +126,7 @@ class Switcher:
             bank_ks = [ks[span] for span in cohort.spans]  # host ints: banks and Ws without a switch are skipped
             by_side = [self._switch_side(cohort, side, kmax, k_per_row, bank_ks) for side in (SIDE_A, SIDE_B)]
             for bank, counts_of, side_a, side_b in zip(cohort.banks, bank_ks, *by_side):
-                if max(counts_of) == 0:
+                if side_a is None:  # nothing to absorb: no switch in this bank, or W took it already
                     continue
                 (left_a, right_a), (left_b, right_b) = side_a, side_b
                 # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
@@ -135,21 +135,19 @@ class Switcher:
                 left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(dtype)
                 right = torch.cat([right_a, right_b], dim=1).to(dtype)
                 if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
-                    pairs = zip(weights, left.unbind(0), right.unbind(0), counts_of)
-                    for w, lhs, rhs, k in pairs:
-                        if k:
-                            w.addmm_(lhs, rhs)
+                    update, lefts, rights = torch.Tensor.addmm_, left.unbind(0), right.unbind(0)
                 else:
-                    for w, lhs, rhs, k in zip(weights, left.split(bank.E), right.split(bank.E), counts_of):
-                        if k:
-                            w.baddbmm_(lhs, rhs)
+                    update, lefts, rights = torch.Tensor.baddbmm_, left.split(bank.E), right.split(bank.E)
+                for w, lhs, rhs, k in zip(weights, lefts, rights, counts_of):
+                    if k:
+                        update(w, lhs, rhs)
 
     def _switch_side(self, cohort: _Cohort, side: int, kmax: int, k_per_row: torch.Tensor,
                      bank_ks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Switch up to ``k`` vectors of ``side`` in every adapter of ``cohort``: slots and candidates
         are chosen for all its N matrices at once, vectors moved bank by bank (``bank_ks``: each bank's
         per-adapter counts; a bank with none is skipped). Returns per bank the factors (n, rows, k),
-        (n, k, cols) whose product W must absorb (unscaled), or None."""
+        (n, k, cols) whose product W must absorb (unscaled), or None where there is nothing to absorb."""
         r, N = cohort.r, cohort.N
         if side == SIDE_A:
             frozen, ptr, index, partner_frozen = cohort.a_frozen, cohort.a_ptr, cohort.a_index, cohort.b_frozen
@@ -345,9 +343,9 @@ class _Bank:
         self.cohort, self.row_range = cohort, rows
         self.adapters = [ad for _, ad in members]
         t = self.adapters[0].target
-        self.r, self.rows, self.cols, self.batch = t.rank, t.rows, t.cols, t.batch
-        self.E, self.G = math.prod(t.batch), len(self.adapters)
-        self.GE, self.K = self.E * self.G, self.adapters[0].num_candidates
+        self.rows, self.cols, self.batch = t.rows, t.cols, t.batch
+        self.E = math.prod(t.batch)
+        self.GE, self.K = self.E * len(self.adapters), self.adapters[0].num_candidates
         self._weights: list[torch.Tensor] | None = None
         self._weight_ptrs: list[int] = []
         self._weight_views: list[torch.Tensor] = []
@@ -362,7 +360,6 @@ class _Bank:
         first = self.adapters[0]
         self.p_dtype = first.A.dtype
         self.scale = torch.stack([ad.scale for ad in self.adapters]).repeat_interleave(self.E).view(self.GE, 1, 1)
-        self._weights = None
         self.tables = {}
         if stored:  # every candidate, computed once: (n, K, length) per side
             every = torch.arange(self.K, device=first.A.device).expand(self.GE, self.K)
@@ -377,9 +374,7 @@ class _Bank:
 
     def _generate(self, side: int, index: torch.Tensor) -> torch.Tensor:
         length = self.cols if side == SIDE_A else self.rows
-        c, rows = self.cohort, self.row_range
-        return candidate_vectors(candidate_keys(c.base[rows], side, index), length, c.bounds[side][rows],
-                                 dtype=self.p_dtype)
+        return self.cohort.vectors(side, index, self.row_range, length, self.p_dtype)
 
     def candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
         table = self.tables.get(side)
@@ -453,8 +448,14 @@ class _Cohort:
         for bank in self.banks:
             bank.restack(self.stored)
 
+    def vectors(self, side: int, index: torch.Tensor, rows: slice, length: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Candidates ``index`` (n, k) of the stacked matrices ``rows``, regenerated from their keys."""
+        return candidate_vectors(candidate_keys(self.base[rows], side, index), length, self.bounds[side][rows],
+                                 dtype=dtype)
+
     def generate(self, side: int, cand: torch.Tensor) -> torch.Tensor | None:
         """Seeded candidates ``cand`` (N, k) of every row at the longest length; None when stored."""
         if self.stored:
             return None
-        return candidate_vectors(candidate_keys(self.base, side, cand), self.longest[side], self.bounds[side])
+        return self.vectors(side, cand, slice(None), self.longest[side])
