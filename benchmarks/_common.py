@@ -16,11 +16,12 @@ import resource
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from dynlora_fx.console import human_bytes as _human_bytes
 
 __all__ = ["code_version", "machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "median", "quantile",
            "human_bytes", "write_json", "markdown_table", "settle", "log"]
@@ -162,15 +163,8 @@ def quantile(xs: Sequence[float], q: float) -> float | None:
 
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} GiB"
+    """``dynlora_fx.console.human_bytes``, with "–" for a figure that was not measured."""
+    return "–" if n is None else _human_bytes(n)
 
 
 def _jsonable(x: Any) -> Any:
@@ -203,20 +197,3 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
     lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-class Stopwatch:
-    """``with Stopwatch(device) as sw: ...``; ``sw.s`` is the elapsed wall time in seconds."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.s = 0.0
-
-    def __enter__(self) -> "Stopwatch":
-        settle(self.device)
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        settle(self.device)
-        self.s = time.perf_counter() - self._t0

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import shutil
@@ -97,16 +96,12 @@ RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------------
 # variants
 # ---------------------------------------------------------------------------------------------
-def method_config(method: str, rank: int, form: str = "auto",
-                  tokens: int | None = None) -> dl.SwitchLoRA | dl.LoRA | None:
-    """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model
-    where the library has one (``tokens_per_step``)."""
+def method_config(method: str, rank: int, tokens: int) -> dl.SwitchLoRA | dl.LoRA | None:
+    """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model."""
     if method == "full-rank":
         return None
     cls = dl.LoRA if method == "lora" else dl.SwitchLoRA
-    kwargs: dict[str, Any] = {"rank": rank, "form": form}
-    if tokens is not None and "tokens_per_step" in {f.name for f in dataclasses.fields(cls)}:
-        kwargs["tokens_per_step"] = tokens
+    kwargs: dict[str, Any] = {"rank": rank, "tokens_per_step": tokens}
     if cls is dl.SwitchLoRA:
         # the reference keeps its own stored tables, so its config must not store a second copy
         kwargs["candidates"] = "stored" if method == "switchlora-stored" else "seeded"
@@ -154,11 +149,9 @@ def _time_hooks(v: Variant, device: torch.device) -> None:
 
 
 def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tensor, args: argparse.Namespace,
-                  device: torch.device, rank: int | None = None, form: str = "auto",
-                  label: str | None = None) -> Variant:
-    rank = args.rank if rank is None else rank
+                  device: torch.device) -> Variant:
     model = build_model(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
-    config = method_config(method, rank, form, tokens=example.numel())
+    config = method_config(method, args.rank, tokens=example.numel())
     inner = model if config is None else dl.transform(model, (example,), config)
     del model
     optimizer = make_optimizer(inner, config, TrainSettings(steps=args.total_steps, lr=args.lr))
@@ -173,7 +166,7 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
                   else dl.compile(inner, dynamic=False))
     else:
         module = inner
-    v = Variant(method, mode, label or f"{method}/{mode}", module, inner, optimizer, switcher, config)
+    v = Variant(method, mode, f"{method}/{mode}", module, inner, optimizer, switcher, config)
     if switcher is not None:
         _time_hooks(v, device)
     # memory the method needs in principle (parameters, gradients, AdamW moments, candidates)
@@ -239,18 +232,16 @@ def make_batches(batch: int, seq: int, n: int, seed: int,
     return out
 
 
-def build_and_warm(specs: list[tuple], cfg: LlamaConfig, batches: list, args: argparse.Namespace,
+def build_and_warm(specs: list[tuple[str, str]], cfg: LlamaConfig, batches: list, args: argparse.Namespace,
                    device: torch.device, failures: list[dict[str, Any]]) -> list[Variant]:
     """Build each variant in turn, measuring what it adds to RSS, and warm it up; a variant that
     raises is logged, appended to ``failures`` and left out."""
     variants = []
-    for spec in specs:
-        method, mode, *rest = spec
-        kwargs = rest[0] if rest else {}
+    for method, mode in specs:
         try:
-            variants.append(_build_and_warm_one(method, mode, kwargs, cfg, batches, args, device))
+            variants.append(_build_and_warm_one(method, mode, cfg, batches, args, device))
         except Exception as exc:  # one broken variant must not cost the others' numbers
-            label = kwargs.get("label", f"{method}/{mode}")
+            label = f"{method}/{mode}"
             log(f"  FAILED {label}: {type(exc).__name__}: {exc}")
             failures.append({"method": method, "mode": mode, "label": label,
                              "error": f"{type(exc).__name__}: {exc}"})
@@ -258,7 +249,7 @@ def build_and_warm(specs: list[tuple], cfg: LlamaConfig, batches: list, args: ar
     return variants
 
 
-def _build_and_warm_one(method: str, mode: str, kwargs: dict[str, Any], cfg: LlamaConfig, batches: list,
+def _build_and_warm_one(method: str, mode: str, cfg: LlamaConfig, batches: list,
                         args: argparse.Namespace, device: torch.device) -> Variant:
     trim_heap()
     if device.type == "cuda":
@@ -268,7 +259,7 @@ def _build_and_warm_one(method: str, mode: str, kwargs: dict[str, Any], cfg: Lla
     warm = args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0)
     with RssSampler() as sampler:
         t0 = time.perf_counter()
-        v = build_variant(method, mode, cfg, batches[0][0], args, device, **kwargs)
+        v = build_variant(method, mode, cfg, batches[0][0], args, device)
         build_s = time.perf_counter() - t0
         first = train_step(v, batches, device)["total"]
         for _ in range(warm - 1):
