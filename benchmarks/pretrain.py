@@ -88,7 +88,7 @@ import torch.nn as nn
 
 import dynlora_fx as dl
 from dynlora_fx import corpus as _corpus
-from dynlora_fx.training import Trainer, TrainSettings, cosine_multiplier, full_rank_state_bytes, \
+from dynlora_fx.training import Trainer, TrainSettings, full_rank_state_bytes, stored_candidate_bytes, \
     training_state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,18 +239,22 @@ class Bench:
             self._models[seed] = build_model(self.tl, self.p, seed).to(self.device)
         return self._models[seed]
 
-    def transformed(self, config: Any, seed: int, label: str) -> nn.Module:
-        """A fresh copy of the model transformed with ``config`` (one transform per config, copied)."""
+    def _transform_once(self, config: Any, seed: int, label: str) -> nn.Module:
+        """The model transformed with ``config``, cached: callers that train on it copy it."""
         key = f"{seed}:{config.to_json()}"
         if key not in self._transformed:
             t0 = time.perf_counter()
             self._transformed[key] = dl.transform(self.model(seed), self.example, config)
             self.transform_s[f"{label}/seed{seed}"] = round(time.perf_counter() - t0, 3)
-        return copy.deepcopy(self._transformed[key])
+        return self._transformed[key]
+
+    def transformed(self, config: Any, seed: int, label: str) -> nn.Module:
+        """A fresh copy of the model transformed with ``config`` (one transform per config, copied)."""
+        return copy.deepcopy(self._transform_once(config, seed, label))
 
     def adapted_weights(self, seed: int) -> list[str]:
         """The weights the pass adapts (what GaLore projects): those of a LoRA transform."""
-        gm = self.transformed(dl.LoRA(rank=self.p.rank, seed=seed), seed, "lora")
+        gm = self._transform_once(dl.LoRA(rank=self.p.rank, seed=seed), seed, "lora")
         return [a.weight for a in dl.adapters(gm)]
 
     def galore(self) -> tuple[Any, str]:
@@ -270,7 +274,7 @@ class Bench:
             module = copy.deepcopy(self.model(seed))
         else:
             module = self.transformed(config, seed, method)
-        tr = Trainer(module, config, settings, self.tl.loss_fn)
+        optimizer = None
         if method == "galore":
             GaLoreAdamW, _ = self.galore()
             targets = set(self.adapted_weights(seed))
@@ -282,11 +286,9 @@ class Bench:
                        "update_proj_gap": self.p.galore_update_proj_gap, "scale": self.p.galore_scale,
                        "proj_type": "std"},
                       {"params": rest, "lr": settings.lr_other}]
-            tr.optimizer = GaLoreAdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                                       no_deprecation_warning=True)
-            tr.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                tr.optimizer, lambda t: cosine_multiplier(t, steps, settings.warmup, settings.min_lr_ratio))
-        return tr, module
+            optimizer = GaLoreAdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                    no_deprecation_warning=True)
+        return Trainer(module, config, settings, self.tl.loss_fn, optimizer=optimizer), module
 
     def run(self, method: str, steps: int, lr: float, seed: int, curve: bool) -> dict[str, Any]:
         tr, module = self.trainer(method, steps, lr, seed)
@@ -335,8 +337,7 @@ class Bench:
     def state_bytes(self, method: str, module: nn.Module, tr: Trainer) -> dict[str, Any]:
         """Measured: parameters + gradients of trained ones + every optimizer-state tensor (+ GaLore
         projections, + stored candidates). Formula: the library's estimate (2 Adam slots)."""
-        params = {id(q): q for q in module.parameters()}.values()
-        total = sum(q.numel() * q.element_size() * (2 if q.requires_grad else 1) for q in params)
+        total = sum(q.numel() * q.element_size() * (2 if q.requires_grad else 1) for q in module.parameters())
         for st in tr.optimizer.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
@@ -344,9 +345,7 @@ class Bench:
                 elif hasattr(v, "ortho_matrix") and v.ortho_matrix is not None:  # GaLoreProjector
                     mats = v.ortho_matrix if isinstance(v.ortho_matrix, (list, tuple)) else [v.ortho_matrix]
                     total += sum(m.numel() * m.element_size() for m in mats)
-        for name, b in module.named_buffers():
-            if name.rsplit(".", 1)[-1] in ("stored_a", "stored_b"):
-                total += b.numel() * b.element_size()
+        total += stored_candidate_bytes(module)
         if method == "full":
             formula = full_rank_state_bytes(module)
         elif method == "galore":

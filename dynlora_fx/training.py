@@ -54,7 +54,7 @@ def make_optimizer(module: nn.Module, config: AdapterConfig | None, settings: Tr
     matrix for full-rank) at ``lr``, everything else trained at ``lr_other``."""
     chosen = _matrix_ids(module, config is not None)
     matrices, others = [], []
-    for p in {id(q): q for q in module.parameters()}.values():
+    for p in module.parameters():
         if p.requires_grad:
             (matrices if id(p) in chosen else others).append(p)
     groups = [{"params": matrices, "lr": settings.lr},
@@ -81,12 +81,14 @@ class Trainer:
     settings: TrainSettings
     loss_fn: Callable[[Any, Any], torch.Tensor]
     model_inputs: Callable[[Any], tuple | dict] = default_model_inputs
+    optimizer: torch.optim.Optimizer | None = None  # None: make_optimizer's AdamW over the module
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.optimizer = make_optimizer(self.module, self.config, s)
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.module, self.config, s)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: cosine_multiplier(t, s.steps, s.warmup, s.min_lr_ratio))
         self.switcher = attach(self.module, self.optimizer, s.steps) if self.config is not None else None
@@ -145,20 +147,19 @@ def skip(batches: Iterator[Any], n: int) -> Iterator[Any]:
     return batches
 
 
+def stored_candidate_bytes(module: nn.Module) -> int:
+    """Bytes of the candidate tables a ``candidates="stored"`` switcher keeps on the adapters."""
+    return sum(b.numel() * b.element_size() for name, b in module.named_buffers()
+               if name.rsplit(".", 1)[-1] in ("stored_a", "stored_b"))
+
+
 def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
     """Bytes of parameters + gradients + AdamW moments (+ stored candidates) for training ``module``
     as it stands: frozen parameters cost their storage only."""
-    total = 0
-    seen: set[int] = set()
-    for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
+    total = stored_candidate_bytes(module)
+    for p in module.parameters():  # tied parameters come once
         nbytes = p.numel() * p.element_size()
         total += nbytes * (2 + optimizer_slots) if p.requires_grad else nbytes
-    for name, b in module.named_buffers():
-        if name.rsplit(".", 1)[-1] in ("stored_a", "stored_b"):
-            total += b.numel() * b.element_size()
     from .module import DynLoRAModule
 
     if isinstance(module, DynLoRAModule) and module.config.switching:  # dl.AdamW's per-vector steps
@@ -168,4 +169,4 @@ def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
 
 def full_rank_state_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
     """The same for training every parameter of ``model`` full-rank."""
-    return sum(p.numel() * p.element_size() * (2 + optimizer_slots) for p in {id(q): q for q in model.parameters()}.values())
+    return sum(p.numel() * p.element_size() * (2 + optimizer_slots) for p in model.parameters())
