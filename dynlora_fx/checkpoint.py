@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -40,19 +40,21 @@ def ensure_parent(path: str | os.PathLike, what: str) -> Path:
     return ensure_writable_dir(Path(path).absolute().parent, f"{what} {path}: folder")
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it into place: nobody sees a
+    half-written file, and an interrupted write leaves the previous one whole."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C mid-write included: the previous file stays whole
+    except BaseException:  # Ctrl-C mid-write included
         tmp.unlink(missing_ok=True)
         raise
 
 
 def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(out_dir) / CHECKPOINT
-    _atomic_torch_save(state, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -74,17 +76,16 @@ def write_bundle(out_dir: str | os.PathLike, gm: nn.Module, meta: dict[str, Any]
 
     out = Path(out_dir)
     written = []
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     for mode in ("train", "eval"):
         g = gm.graph_module(mode)
-        if id(g) in seen:
+        if id(g) in seen:  # one graph for both modes: one file
             continue
-        seen[id(g)] = mode
+        seen.add(id(g))
         (out / f"graph_{mode}.py").write_text(g.code)
         written.append(str(out / f"graph_{mode}.py"))
-    tmp = out / "weights.safetensors.tmp"
-    save_file(_safetensors_state(gm), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "weights.safetensors")
+    atomic_write(out / "weights.safetensors",
+                 lambda tmp: save_file(_safetensors_state(gm), str(tmp), metadata={"format": "pt"}))
     written.append(str(out / "weights.safetensors"))
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     written.append(str(out / "config.json"))

@@ -133,17 +133,17 @@ def _config(args: argparse.Namespace) -> AdapterConfig:
 def _rel_error(a: Any, b: Any) -> float:
     from torch.utils import _pytree as pytree
 
-    worst = 0.0
-    for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
-    return worst
+    from .export import rel_error
+
+    pairs = zip(pytree.tree_leaves(a), pytree.tree_leaves(b))
+    return max((rel_error(x, y) for x, y in pairs if isinstance(x, torch.Tensor) and x.is_floating_point()),
+               default=0.0)
 
 
 def build_report(model: nn.Module, gm: DynLoRAModule) -> dict[str, Any]:
     from .training import full_rank_state_bytes, training_state_bytes
 
-    params = {id(p): p for p in gm.parameters()}.values()
+    params = list(gm.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     adapted_bytes, full_bytes = training_state_bytes(gm), full_rank_state_bytes(model)
@@ -155,7 +155,7 @@ def build_report(model: nn.Module, gm: DynLoRAModule) -> dict[str, Any]:
                      for a in adapters(gm)],
         "skipped": [{"weight": s.weight, "reason": s.reason} for s in gm.plan.skipped],
         "params": {"total": total, "trainable": trainable, "frozen": total - trainable,
-                   "original": sum(p.numel() for p in {id(q): q for q in model.parameters()}.values())},
+                   "original": sum(p.numel() for p in model.parameters())},
         "memory": {"adapted_bytes": adapted_bytes, "full_rank_bytes": full_bytes,
                    "ratio": adapted_bytes / max(1, full_bytes)},
     }
@@ -186,8 +186,6 @@ def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
 
 
 def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
-    from .console import plan_tables, summary_table
-
     t0 = time.perf_counter()
     from .checkpoint import ensure_parent, ensure_writable_dir
 
@@ -214,10 +212,7 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     report = build_report(model, gm)
     report["transform_seconds"] = round(time.perf_counter() - t0, 3)
     if args.dry_run:
-        for table in plan_tables(report):
-            out.print(table)
-        out.print(summary_table(report))
-        _write_json(args.json, report)
+        _print_report(out, report, args.json)
         return 0
 
     model.eval()
@@ -240,15 +235,21 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
 
         report["written"] = write_bundle(args.out, gm, {"config": config.to_dict(), "capture": gm.capture_method,
                                                         "adapters": report["adapters"]})
-    for table in plan_tables(report):
-        out.print(table)
-    out.print(summary_table(report))
-    _write_json(args.json, report)
+    _print_report(out, report, args.json)
     if not report["equivalence"]["ok"]:
         print(f"dynlora-transform: error: {path}: the transformed model differs from the original "
               f"(max rel. error {error:.2e}). Remedy: report this model; rerun with --debug", file=err.file)
         return 1
     return code
+
+
+def _print_report(out: Any, report: dict[str, Any], json_path: str | None) -> None:
+    from .console import plan_tables, summary_table
+
+    for table in plan_tables(report):
+        out.print(table)
+    out.print(summary_table(report))
+    _write_json(json_path, report)
 
 
 def _write_json(path: str | None, report: dict[str, Any]) -> None:

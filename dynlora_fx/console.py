@@ -66,6 +66,6 @@ def summary_table(report: dict[str, Any]) -> Table:
     return t
 
 
-def make_console(file: Any, stderr: bool = False) -> Console:
-    return Console(file=file, stderr=stderr, width=None if getattr(file, "isatty", lambda: False)() else 120,
+def make_console(file: Any) -> Console:
+    return Console(file=file, width=None if getattr(file, "isatty", lambda: False)() else 120,
                    highlight=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,11 +18,11 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .api import merge
-from .checkpoint import ensure_parent
+from .checkpoint import atomic_write, ensure_parent
 from .errors import DynLoRAError
 from .module import unwrap
 
-__all__ = ["export_onnx", "OnnxReport"]
+__all__ = ["export_onnx", "OnnxReport", "rel_error"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise DynLoRAError(f"ONNX export of {type(merged.model).__name__}",
                            f"torch.onnx could not export the merged model ({why[:300]})",
                            "check that the model's ops have ONNX equivalents (see torch.onnx's report)")
-    tmp = path + ".tmp"
-    program.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: program.save(str(tmp)))
     onnx.checker.check_model(path)
     err = _compare_with_onnxruntime(path, merged, args, kwargs) if check else None
     return OnnxReport(path, dynamic, err)
@@ -97,5 +96,10 @@ def _compare_with_onnxruntime(path: str, merged: nn.Module, args: tuple, kwargs:
         if g.shape != w.shape:
             raise DynLoRAError(f"ONNX file {path}", f"output shape {tuple(g.shape)} differs from the model's "
                                f"{tuple(w.shape)}", "report this model: the export changed its function")
-        worst = max(worst, ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item())
+        worst = max(worst, rel_error(g, w))
     return worst
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max |want|: the error measure of every equivalence check."""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()

@@ -134,10 +134,14 @@ def test_usage_errors_exit_2(mlp_file):
     assert exc.value.code == 2
 
 
+def _cli_command(*argv):
+    """argv and environment of ``python -m dynlora_fx.cli ...`` run from the repository."""
+    return [sys.executable, "-m", "dynlora_fx.cli", *map(str, argv)], {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def _subprocess(*argv, **kw):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dynlora_fx.cli", *map(str, argv)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300, **kw)
+    cmd, env = _cli_command(*argv)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, **kw)
 
 
 def test_subprocess_run_and_debug_traceback(mlp_file, tmp_path):
@@ -153,13 +157,11 @@ def test_subprocess_run_and_debug_traceback(mlp_file, tmp_path):
 
 def test_ctrl_c_keeps_last_checkpoint_resumable(mlp_file, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd, env = _cli_command(mlp_file, "--rank", "2", "--train", "100000", "--checkpoint-every", "5", "--out", out)
     log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: a full pipe would block the child
     # a shell running this suite in the background starts children with SIGINT ignored, and Python
     # then never raises KeyboardInterrupt: restore the default disposition, as a terminal has it
-    proc = subprocess.Popen([sys.executable, "-m", "dynlora_fx.cli", str(mlp_file), "--rank", "2", "--train",
-                             "100000", "--checkpoint-every", "5", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=REPO,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, cwd=REPO,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ckpt = out / "checkpoint.pt"

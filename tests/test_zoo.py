@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dynlora_fx as dl
+from dynlora_fx.export import rel_error
 from zoo import ZOO, weight_bearing_params
 
 
@@ -13,10 +14,6 @@ def _perturb(gm):
         for ad in gm.iter_adapters():
             ad.A.add_(torch.randn(ad.A.shape, generator=g) * ad.A.abs().mean())
             ad.B.add_(torch.randn(ad.B.shape, generator=g) * ad.B.abs().mean())
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("form", ["activation", "weight"])
@@ -37,7 +34,7 @@ def test_zoo_model(case, form):
         ref = case.main_output(model(*args, **kwargs))
         out = case.main_output(gm(*args, **kwargs))
         again = case.main_output(gm(*args, **kwargs))
-    assert _rel(out, ref) < 1e-5
+    assert rel_error(out, ref) < 1e-5
     assert torch.equal(out, again)
 
     # coverage of the weight-bearing parameters, counted by an independent oracle
@@ -66,5 +63,5 @@ def test_zoo_model(case, form):
     with torch.no_grad():
         adapted_out = case.main_output(gm(*args, **kwargs))
         merged_out = case.main_output(merged(*args, **kwargs))
-    assert _rel(merged_out, adapted_out) < 1e-4
+    assert rel_error(merged_out, adapted_out) < 1e-4
     assert not any("adapters" in n for n, _ in merged.named_parameters())
