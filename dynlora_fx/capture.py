@@ -185,9 +185,18 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> d
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a view a copy with storage of its own (same values, dtype, grad flag)."""
+    return t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad)
+
+
 def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict
                 ) -> tuple[dict[str, fx.GraphModule] | None, str]:
     graphs: dict[str, fx.GraphModule] = {}
+    # A view as example input (e.g. batch[:2, :32]) makes torch.export guard on its base
+    # (``x._base.size()[1] != x.size()[1]``), which every later call with a tensor of its own
+    # fails inside the graph (``None.size()``): export from copies that own their storage.
+    args, kwargs = pytree.tree_map_only(torch.Tensor, _own_storage, (args, kwargs))
     was_training = model.training
     try:
         for mode in MODES:
