@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -12,9 +13,10 @@ from .capture import capture
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, DynLoRAModule, unwrap
-from .passes import find_targets, functionalize_leaves, insert_adapters, remove_adapters
+from .passes import checkpoint_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
+    recording_checkpointed_modules, remove_adapters, repeated_blocks
 
-__all__ = ["transform", "merge"]
+__all__ = ["transform", "merge", "merge_and_unload"]
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -31,11 +33,15 @@ def _as_args(example_inputs: Any) -> tuple:
 
 
 def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig | None = None, *,
-              example_kwargs: dict[str, Any] | None = None) -> DynLoRAModule:
+              example_kwargs: dict[str, Any] | None = None, checkpoint: str | bool = "auto") -> DynLoRAModule:
     """Return a copy of ``model`` whose weight-bearing matrix products carry low-rank adapters.
 
     ``model`` is left untouched. The result computes the same function at step 0, honours
     ``.train()``/``.eval()`` like ``model`` and accepts other batch sizes wherever it does.
+
+    ``checkpoint`` sets activation checkpointing per block: ``"auto"`` recomputes the blocks the
+    model itself checkpoints (Hugging Face's ``gradient_checkpointing_enable()``, modules it runs
+    under ``torch.utils.checkpoint``), ``True`` every repeated block, ``False`` none.
     """
     config = SwitchLoRA() if config is None else config
     if not isinstance(model, nn.Module):
@@ -54,17 +60,22 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise ConfigError("example_kwargs", f"expected a dict, got {type(example_kwargs).__name__}",
                           "pass keyword inputs as a dict, e.g. {'input_ids': ids}")
+    if checkpoint not in ("auto", True, False):
+        raise ConfigError("checkpoint", f"expected 'auto', True or False, got {checkpoint!r}",
+                          "pass checkpoint='auto' (follow the model's own setting), True (every repeated block) "
+                          "or False")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
 
     work = copy.deepcopy(model)  # never touch the user's model
-    cap = capture(work, args, kwargs)
+    with recording_checkpointed_modules() as own_checkpointed:  # capture sees through the model's own
+        cap = capture(work, args, kwargs)
     graphs = dict(cap.graphs)
     for gm in {id(g): g for g in graphs.values()}.values():
         functionalize_leaves(gm)
     if graphs["train"] is not graphs["eval"] and graphs["train"].code == graphs["eval"].code:
         graphs["eval"] = graphs["train"]  # mode-independent graph: keep (and later compile) one
 
-    plan = find_targets(graphs["train"], config)
+    plan = find_targets(graphs, config)  # every mode's graph: a weight read only in eval mode counts too
     if not plan.targets:
         reasons = "; ".join(f"{s.weight}: {s.reason}" for s in plan.skipped[:8]) or "it has no parameter of >= 2 dims"
         raise TargetError(type(model).__name__, f"no weight can carry an adapter ({reasons})",
@@ -81,8 +92,39 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
             weight.requires_grad_(False)
     for g in gm._unique_graphs():
         insert_adapters(g, plan)
+    gm.checkpointed = _checkpoint_blocks(gm, checkpoint, own_checkpointed)
     gm.train(model.training)
     return gm
+
+
+def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int]) -> tuple[str, ...]:
+    """Run the chosen blocks of the train graph under torch.utils.checkpoint; their names."""
+    if checkpoint is False:
+        return ()
+    model = gm.model
+    if checkpoint == "auto":
+        blocks = [name for name, m in model.named_modules() if id(m) in own]
+        blocks = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]  # outermost only
+    else:
+        blocks = repeated_blocks(model)
+        if not blocks:
+            raise DynLoRAError(type(model).__name__, "checkpoint=True, but the model has no repeated blocks "
+                               "(a ModuleList or Sequential of two or more blocks of one type)",
+                               "pass checkpoint=False, or keep the blocks to recompute in an nn.ModuleList")
+    if not blocks:
+        return ()
+    train = gm.graph_module("train")
+    regions = find_regions(train, blocks)
+    if checkpoint is True and not regions.regions:
+        why = "; ".join(f"{b}: {r}" for b, r in regions.skipped[:4])
+        raise DynLoRAError(type(model).__name__, f"checkpoint=True, but no block is a region of the graph ({why})",
+                           "pass checkpoint=False")
+    if regions.skipped:
+        why = "; ".join(f"{b}: {r}" for b, r in regions.skipped[:4])
+        warnings.warn(f"dynlora: {len(regions.skipped)} block(s) run without activation checkpointing ({why})",
+                      RuntimeWarning, stacklevel=3)
+    checkpoint_regions(train, regions)
+    return tuple(r.block for r in regions.regions)
 
 
 def _register(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -100,8 +142,31 @@ def merge(module: nn.Module) -> DynLoRAModule:
     node or parameter left; same function. Refuses to fold non-finite values."""
     src = unwrap(module)
     out = copy.deepcopy(src)
-    for adapter in out.iter_adapters():
-        weight = out.model.get_parameter(adapter.target.weight)
+    _fold_adapters(out.model, out.iter_adapters())
+    for g in out._unique_graphs():
+        remove_adapters(g)
+        del g.adapters
+    out.adapters = nn.Module()
+    out.plan = type(out.plan)((), out.plan.skipped)
+    return out
+
+
+@torch.no_grad()
+def merge_and_unload(module: nn.Module) -> nn.Module:
+    """The user's own model (a copy, of its original class) with every ``s·B·A`` folded into its
+    weight: no graph, no adapter, same function — ready for ``save_pretrained``/``from_pretrained``,
+    ``generate``, ``torch.save`` or further training as a plain model. ``module`` is left as it is.
+    Refuses to fold non-finite values."""
+    src = unwrap(module)
+    model = copy.deepcopy(src.model)
+    _fold_adapters(model, src.iter_adapters())
+    return model
+
+
+def _fold_adapters(model: nn.Module, adapters: list[Adapter]) -> None:
+    """W += s·B·A in ``model`` for each adapter (checked finite first); W trains again."""
+    for adapter in adapters:
+        weight = model.get_parameter(adapter.target.weight)
         merged = weight + adapter.delta().to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise MergeError(adapter.target.weight, "the merged weight would contain NaN or Inf",
@@ -109,9 +174,3 @@ def merge(module: nn.Module) -> DynLoRAModule:
                              "merge from a finite checkpoint")
         weight.copy_(merged)
         weight.requires_grad_(True)
-    for g in out._unique_graphs():
-        remove_adapters(g)
-        del g.adapters
-    out.adapters = nn.Module()
-    out.plan = type(out.plan)((), out.plan.skipped)
-    return out

@@ -4,12 +4,17 @@
 - :func:`find_targets` — analysis: which weights feed matrix products, and why others are skipped
 - :func:`insert_adapters` — rewrite: add ``s·B(A x)`` branches or ``W + s·B@A`` weights
 - :func:`remove_adapters` — rewrite: drop adapter nodes (merge folds the weights first)
+- :func:`find_regions` — analysis: the model's repeated blocks as contiguous regions of the graph
+- :func:`checkpoint_regions` — rewrite: run each region under ``torch.utils.checkpoint``
 """
 
+from .checkpoint import CheckpointedRegion, checkpoint_regions
 from .find_targets import Skip, Target, TargetPlan, find_targets, weight_uses
 from .functionalize import functionalize_leaves
 from .insert_adapters import insert_adapters
+from .regions import Region, RegionPlan, find_regions, recording_checkpointed_modules, repeated_blocks
 from .remove_adapters import remove_adapters
 
 __all__ = ["Skip", "Target", "TargetPlan", "find_targets", "weight_uses", "functionalize_leaves",
-           "insert_adapters", "remove_adapters"]
+           "insert_adapters", "remove_adapters", "Region", "RegionPlan", "find_regions", "repeated_blocks",
+           "recording_checkpointed_modules", "CheckpointedRegion", "checkpoint_regions"]

@@ -1,0 +1,118 @@
+"""Rewrite pass: run each region of the graph under ``torch.utils.checkpoint``.
+
+Each :class:`~dynlora_fx.passes.regions.Region` becomes one ``call_module`` to a
+:class:`CheckpointedRegion` whose body is the region's own subgraph, reading the same
+shared state (``model``, ``adapters``, ``constants``) by ``get_attr``. The body runs under
+torch's non-reentrant checkpoint (RNG state preserved, so dropout recomputes the same
+mask); only the region's inputs are kept for backward.
+
+Computations that depend on parameters alone and feed one region — the weight-space
+adapter's ``W + s·B·A``, weight reshapes — move into that region, so they are recomputed
+in backward instead of being held from forward to backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..capture import graph_module
+from .regions import Region, RegionPlan, parameter_only
+
+__all__ = ["CheckpointedRegion", "checkpoint_regions"]
+
+REGIONS_ATTR = "regions"
+
+
+class CheckpointedRegion(nn.Module):
+    """One block of the graph, run under ``torch.utils.checkpoint`` (non-reentrant). ``body`` is
+    a GraphModule whose attributes are the transformed module's shared state trees."""
+
+    def __init__(self, body: fx.GraphModule, block: str):
+        super().__init__()
+        self.body = body
+        self.block = block
+
+    def forward(self, *args: Any) -> Any:
+        return checkpoint(self.body, *args, use_reentrant=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointedRegion:
+        # fx's GraphModule deepcopy would rebuild a private skeleton of the state it reads; the copy
+        # must read the copied shared trees instead (already in ``memo`` when a DynLoRAModule is copied).
+        attrs = {name: copy.deepcopy(mod, memo) for name, mod in self.body._modules.items()}
+        new = CheckpointedRegion(graph_module(copy.deepcopy(self.body.graph, memo), attrs), self.block)
+        memo[id(self)] = new
+        return new
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}"
+
+
+def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: str) -> None:
+    inside = set(region.nodes)
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+
+    def bring(node: fx.Node) -> fx.Node:
+        """The body's copy of ``node``: itself when inside, a copy when parameter-only, else an input."""
+        if node in env:
+            return env[node]
+        if node in constant:
+            for dep in node.all_input_nodes:
+                bring(dep)
+            env[node] = body.node_copy(node, lambda a: env[a])
+        else:
+            assert node not in inside, f"region {region.block}: {node} used before it is computed"
+            inputs.append(node)
+            env[node] = body.placeholder(node.name, type_expr=node.type)
+            env[node].meta.update(node.meta)
+        return env[node]
+
+    for node in region.nodes:  # placeholders first: fx wants them at the top
+        for dep in node.all_input_nodes:
+            if dep not in inside and dep not in constant:
+                bring(dep)
+    for node in region.nodes:
+        for dep in node.all_input_nodes:
+            if dep not in inside:
+                bring(dep)
+        env[node] = body.node_copy(node, lambda a: env[a])
+    outputs = [n for n in region.nodes if any(u not in inside for u in n.users)]
+    body.output(tuple(env[n] for n in outputs))
+
+    attrs = {k: m for k, m in gm._modules.items() if k != REGIONS_ATTR}
+    getattr(gm, REGIONS_ATTR).add_module(name, CheckpointedRegion(graph_module(body, attrs), region.block))
+    graph = gm.graph
+    with graph.inserting_before(region.nodes[0]):
+        call = graph.call_module(f"{REGIONS_ATTR}.{name}", tuple(inputs))
+        for i, out in enumerate(outputs):
+            item = graph.call_function(operator.getitem, (call, i))
+            item.meta.update(out.meta)
+            out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(region.nodes):
+        graph.erase_node(node)
+
+
+def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
+    """Mutates and returns ``gm``: every region of ``plan`` (found on this ``gm``) runs as one
+    checkpointed call. Parameter-only computations that fed a region move into it."""
+    if not plan.regions:
+        return gm
+    if not hasattr(gm, REGIONS_ATTR):
+        gm.add_module(REGIONS_ATTR, nn.Module())
+    constant = parameter_only(gm.graph)
+    for region in plan.regions:
+        _extract(gm, region, constant, region.block.replace(".", "_"))
+        constant -= set(region.nodes)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
