@@ -6,7 +6,11 @@ Activation branch (linear / ungrouped conv, weight read directly)::
 
 Weight-space form (everything else: the weight read is replaced where it happens)::
 
-    W  ->  addmm(W as (m, n), s · B, A).reshape(W.shape)
+    W  ->  merged_weight(W, B, A, s) = addmm(W as (m, n), s · B, A).reshape(W.shape)
+
+``merged_weight`` (``dynlora_fx.ops``) is recomputed in backward rather than saved by the op
+that consumes it; a graph with weight-space adapters runs between ``enter_recompute_scope``
+and ``exit_recompute_scope`` nodes (role ``"scope"``, weight ``None``) for that.
 
 Inserted nodes carry ``node.meta["dynlora"] = {"weight", "role", "form"}``; adapter
 tensors are read with ``get_attr`` from ``gm.adapters.<weight qualified name>``.
@@ -14,12 +18,12 @@ tensors are read with ``get_attr`` from ``gm.adapters.<weight qualified name>``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..ops import enter_recompute_scope, exit_recompute_scope, merged_weight
 from .find_targets import Target, TargetPlan, op_name, weight_uses
 
 __all__ = ["insert_adapters", "META_KEY"]
@@ -70,32 +74,28 @@ def _insert_branch(graph: fx.Graph, consumer: fx.Node, target: Target, prefix: s
 
 
 def _insert_weight_delta(graph: fx.Graph, reader: fx.Node, target: Target, prefix: str) -> None:
-    """Replace every use of the weight read ``reader`` by W + (s·B)@A in W's shape: one addmm (baddbmm
-    for stacked experts) that reads W once and writes the sum once, s scaling the small (m, r) factor."""
+    """Replace every use of the weight read ``reader`` by ``merged_weight(W, B, A, s)``: W + (s·B)@A in
+    W's shape, one addmm (baddbmm for stacked experts) that backward recomputes instead of keeping
+    (``dynlora_fx.ops``)."""
     tag = lambda n, role: _tag(n, target, role, "weight")  # noqa: E731
-    call = graph.call_function
-    rows, cols, r = target.rows, target.cols, target.rank
     with graph.inserting_before(reader.next):  # a fixed anchor keeps the new nodes in order
         a = tag(graph.get_attr(f"{prefix}.A"), "A")
         b = tag(graph.get_attr(f"{prefix}.B"), "B")
         s = tag(graph.get_attr(f"{prefix}.scale"), "scale")
-        b_scaled = tag(call(_aten.mul.Tensor, (b, s)), "scaled")
-        if target.batch:
-            e = math.prod(target.batch)
-            w = tag(call(_aten.reshape.default, (reader, [e, rows, cols])), "matrix")
-            summed = tag(call(_aten.baddbmm.default, (w, call(_aten.view.default, (b_scaled, [e, rows, r])),
-                                                      call(_aten.view.default, (a, [e, r, cols])))), "delta")
-            for n in summed.args[1:]:
-                tag(n, "factor")
-        elif list(target.shape) != [rows, cols]:  # a conv kernel or other >2-D weight
-            w = tag(call(_aten.reshape.default, (reader, [rows, cols])), "matrix")
-            summed = tag(call(_aten.addmm.default, (w, b_scaled, a)), "delta")
-        else:
-            summed = tag(call(_aten.addmm.default, (reader, b_scaled, a)), "delta")
-        out = summed if summed.args[0] is reader else call(_aten.reshape.default, (summed, list(target.shape)))
-        tag(out, "output")
-    own = summed.args[0] if summed.args[0] is not reader else summed  # the inserted node reading W
-    reader.replace_all_uses_with(out, delete_user_cb=lambda user: user is not own)
+        out = tag(graph.call_function(merged_weight, (reader, b, a, s)), "output")
+    reader.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+
+def _insert_recompute_scope(graph: fx.Graph) -> None:
+    """Open the scope in which saved ``W'`` become recipes after the inputs, close it before the output."""
+    tag = {"weight": None, "role": "scope", "form": "weight"}
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        scope = graph.call_function(enter_recompute_scope, ())
+    with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
+        done = graph.call_function(exit_recompute_scope, (scope,))
+    scope.meta[META_KEY] = dict(tag)
+    done.meta[META_KEY] = dict(tag)
 
 
 def insert_adapters(gm: fx.GraphModule, plan: TargetPlan, *, model_attr: str = "model",
@@ -104,6 +104,7 @@ def insert_adapters(gm: fx.GraphModule, plan: TargetPlan, *, model_attr: str = "
     target's ``A``, ``B`` and ``scale``; the weights live in ``gm.<model_attr>``."""
     model = getattr(gm, model_attr)
     graph = gm.graph
+    weight_form = False
     for target in plan.targets:
         prefix = f"{adapters_attr}.{target.weight}"
         param = model.get_parameter(target.weight)
@@ -116,6 +117,9 @@ def insert_adapters(gm: fx.GraphModule, plan: TargetPlan, *, model_attr: str = "
         else:
             for reader in {id(u.reader): u.reader for u in uses}.values():
                 _insert_weight_delta(graph, reader, target, prefix)
+                weight_form = True
+    if weight_form:
+        _insert_recompute_scope(graph)
     graph.lint()
     gm.recompile()
     return gm
