@@ -13,8 +13,9 @@ from .capture import capture
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, DynLoRAModule, unwrap
+from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
 from .passes import checkpoint_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
-    recording_checkpointed_modules, remove_adapters, repeated_blocks
+    recording_checkpointed_modules, region_bodies, remove_adapters, repeated_blocks
 
 __all__ = ["transform", "merge", "merge_and_unload"]
 
@@ -86,9 +87,12 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
     with torch.no_grad():
         for uid, target in enumerate(plan.targets):
             weight = work.get_parameter(target.weight)
+            check_weight_dtype(weight, target.weight)
             adapter = Adapter(target, uid, config, weight)
             _register(gm.adapters, target.weight, adapter)
-            weight.sub_(adapter.delta().to(weight.dtype))  # so W + s·B·A equals the original W
+            # so W + s·B·A equals the original W (exactly, in the master dtype: runtime/precision.py)
+            update_weight(weight, residual_of(adapter, weight), torch.Tensor.sub_,
+                          adapter.delta(master_dtype(weight.dtype)))
             weight.requires_grad_(False)
     for g in gm._unique_graphs():
         insert_adapters(g, plan)
@@ -144,8 +148,9 @@ def merge(module: nn.Module) -> DynLoRAModule:
     out = copy.deepcopy(src)
     _fold_adapters(out.model, out.iter_adapters())
     for g in out._unique_graphs():
-        remove_adapters(g)
-        del g.adapters
+        for body in (g, *region_bodies(g)):
+            remove_adapters(body)
+            del body.adapters
     out.adapters = nn.Module()
     out.plan = type(out.plan)((), out.plan.skipped)
     return out
@@ -167,7 +172,8 @@ def _fold_adapters(model: nn.Module, adapters: list[Adapter]) -> None:
     """W += s·B·A in ``model`` for each adapter (checked finite first); W trains again."""
     for adapter in adapters:
         weight = model.get_parameter(adapter.target.weight)
-        merged = weight + adapter.delta().to(weight.dtype)
+        dtype = master_dtype(weight.dtype)
+        merged = (master_weight(weight, residual_of(adapter, weight, create=False)) + adapter.delta(dtype)).to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise MergeError(adapter.target.weight, "the merged weight would contain NaN or Inf",
                              "inspect training for divergence (lower the learning rate, clip gradients) and "

@@ -1,17 +1,26 @@
 """The transformed module: shared state plus one graph per mode, and its adapters.
 
-``DynLoRAModule`` owns three state trees — ``model`` (the copy of the user's model,
+``DynLoRAModule`` owns four state trees — ``model`` (the copy of the user's model,
 base weights frozen where adapted), ``adapters`` (``A``, ``B``, ``scale`` and the
 in-use candidate indices for every adapted weight, nested under the weight's own
-qualified name) and ``constants`` — and runs the train or eval graph by
-``self.training``. The graphs are not registered submodules: state lives once, so
-``.to()``, ``state_dict()`` and ``load_state_dict()`` see every tensor exactly once.
+qualified name), ``constants`` and ``switch_state`` (the switcher's step, generators
+and counters) — and runs the train or eval graph by ``self.training``. The graphs are
+not registered submodules: state lives once, so ``.to()``, ``state_dict()`` and
+``load_state_dict()`` see every tensor exactly once, and a framework that checkpoints
+the module and its optimizer resumes switching exactly.
+
+It behaves like the model it wraps where that is safe: attributes it lacks (``config``,
+``device``, ``get_input_embeddings`` …) come from the wrapped model, as in PEFT, and
+``forward`` shows the captured inputs to ``inspect.signature``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +32,11 @@ from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vec
     project_generator, switchlora_stds
 from .capture import graph_module
 from .config import AdapterConfig
-from .errors import StateError
+from .errors import DynLoRAError, StateError
 from .passes.find_targets import Target, TargetPlan
 
-__all__ = ["Adapter", "AdapterInfo", "DynLoRAModule", "adapters", "unwrap"]
+__all__ = ["Adapter", "AdapterInfo", "DynLoRAModule", "SwitchState", "adapters", "unwrap", "counts_generator",
+           "device_seed"]
 
 _SHARED = ("model", "adapters", "constants")
 
@@ -105,17 +115,126 @@ class Adapter(nn.Module):
         bound = self.bound_a if side == SIDE_A else self.bound_b
         return candidate_vectors(keys, length, bound, dtype=self.A.dtype)
 
-    def delta(self) -> torch.Tensor:
-        """``s · B @ A`` in the weight's own shape."""
-        return (self.scale * (self.B @ self.A)).reshape(self.target.shape)
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s · B @ A`` in the weight's own shape, computed in ``dtype`` (default: the factors')."""
+        a, b, s = (self.A, self.B, self.scale) if dtype is None else (self.A.to(dtype), self.B.to(dtype),
+                                                                     self.scale.to(dtype))
+        return (s * (b @ a)).reshape(self.target.shape)
 
     def extra_repr(self) -> str:
         t = self.target
         return f"weight={t.weight}, shape={t.shape}, rank={t.rank}, form={t.form}, op={t.op}"
 
 
+def counts_generator(seed: int) -> torch.Generator:
+    """The CPU generator of a run's per-step switch counts (identical on every rank)."""
+    return project_generator(seed, 0xC0117)
+
+
+def device_seed(seed: int) -> int:
+    """Seed of a run's device generator (slots and candidates)."""
+    return int(torch.randint(0, 2**62, (1,), generator=project_generator(seed, 0xDE1)))
+
+
+_GENERATORS = ("counts_generator", "device_generator")
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SwitchState -> weakref to its switcher
+
+
+class SwitchState(nn.Module):
+    """The switcher's state as buffers, so that ``state_dict()`` carries it: the step, the run's
+    seed, the ReLoRA round, both generators' states (``uint8``) and the switched/skipped counters.
+    (Per-adapter bookkeeping — in-use candidates, freezes, pointers — lives on the adapters.)
+
+    The switcher attached to the module keeps host copies of step, seed and generators for its
+    hot path; ``state_dict()`` asks it for them first, and ``load_state_dict()`` hands the loaded
+    values back to it, so saving and loading the module is enough to resume."""
+
+    def __init__(self, seed: int, device: torch.device | None = None):
+        super().__init__()
+        long = {"dtype": torch.long, "device": device}
+        self.register_buffer("step", torch.zeros((), **long))
+        self.register_buffer("seed", torch.tensor(seed, **long))
+        self.register_buffer("relora_round", torch.zeros((), **long))
+        self.register_buffer("switched", torch.zeros(2, **long))  # rows of A, columns of B
+        self.register_buffer("skipped", torch.zeros((), **long))  # switches skipped on NaN/Inf
+        self.register_buffer("counts_generator", counts_generator(seed).get_state().to(device))
+        self.register_buffer("device_generator",
+                             torch.Generator().manual_seed(device_seed(seed)).get_state().to(device))
+
+    def bind(self, owner: Any) -> None:
+        """Make ``owner`` (a Switcher: ``_export_state(state)``, ``_import_state(state)``) the live copy."""
+        _OWNERS[self] = weakref.ref(owner)
+
+    def unbind(self, owner: Any) -> None:
+        if self.owner() is owner:
+            del _OWNERS[self]
+
+    def owner(self) -> Any:
+        ref = _OWNERS.get(self)
+        return None if ref is None else ref()
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        """Copy the attached switcher's live state into the buffers."""
+        owner = self.owner()
+        if owner is not None:
+            owner._export_state(self)
+
+    @torch.no_grad()
+    def set_generator(self, name: str, state: torch.Tensor) -> None:
+        buf = getattr(self, name)
+        if buf.shape == state.shape:
+            buf.copy_(state)
+        else:  # another device type's generator (CPU: 5056 bytes, CUDA: 16)
+            setattr(self, name, state.to(buf.device))
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.pull()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        for name in _GENERATORS:  # a generator state's size depends on the device type that wrote it
+            new = state_dict.get(prefix + name)
+            if isinstance(new, torch.Tensor) and new.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(new, device=getattr(self, name).device))
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        owner = self.owner()
+        if owner is not None and len(error_msgs) == errors and all(prefix + k in state_dict for k in self._buffers):
+            owner._import_state(self)
+
+
+def _untie_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: a tensor that appears under two names (a tied weight) appears the second
+    time as a copy, so every entry owns its memory and ``safetensors.torch.save_file`` takes the dict
+    (views into the runtime's stacked storage are disjoint, which safetensors accepts as they are)."""
+    seen: set[tuple] = set()
+    for name, t in state_dict.items():
+        if not name.startswith(prefix) or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in seen:
+            state_dict[name] = t.detach().clone()
+        else:
+            seen.add(key)
+
+
+# methods of the wrapped model that would run or save it *without* its adapters
+_UNADAPTED = {
+    "generate": "generation runs the wrapped model's own forward, which has no adapters",
+    "save_pretrained": "the wrapped model holds W − s·B·A, not the trained weights",
+    "push_to_hub": "the wrapped model holds W − s·B·A, not the trained weights",
+}
+
+
 class DynLoRAModule(nn.Module):
     """What ``dl.transform`` returns: the user's model with low-rank adapters, as FX graphs."""
+
+    # The graphs take exactly the captured inputs: no loss kwargs such as num_items_in_batch
+    # (transformers.Trainer reads this instead of inspecting forward for **kwargs).
+    accepts_loss_kwargs = False
 
     def __init__(self, model: nn.Module, constants: nn.Module, graphs: dict[str, fx.GraphModule],
                  capture_method: str, config: AdapterConfig, plan: TargetPlan):
@@ -123,15 +242,123 @@ class DynLoRAModule(nn.Module):
         self.model = model
         self.adapters = nn.Module()
         self.constants = constants
+        first = next(iter(model.parameters()), None)
+        self.switch_state = SwitchState(config.seed, None if first is None else first.device)
         self._graphs = graphs  # plain dict on purpose: graphs hold no state of their own
         self.capture_method = capture_method
-        self.config = config
+        self.dynlora_config = config
         self.plan = plan
         for gm in self._unique_graphs():
             gm.add_module("adapters", self.adapters)
+        self.register_state_dict_post_hook(_untie_aliases)
+        self._expose_signature()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._graphs["train" if self.training else "eval"](*args, **kwargs)
+        graph = self._graphs["train" if self.training else "eval"]
+        if torch.compiler.is_compiling():
+            return graph(*args, **kwargs)
+        try:
+            return graph(*args, **kwargs)
+        except (TypeError, AssertionError) as exc:
+            error = self._input_error(exc, args, kwargs)
+            if error is None:
+                raise
+            raise error from None
+
+    # -- being a good citizen of the wrapped model's ecosystem ------------------------------
+    def _expose_signature(self) -> None:
+        """Bind ``forward`` on this instance as a function whose ``__signature__`` is the captured
+        graph's, so ``inspect.signature(gm.forward)`` lists the captured inputs (Trainer's column
+        filtering, accelerate and others read it). The code run is :meth:`DynLoRAModule.forward`."""
+        cls_forward = DynLoRAModule.forward
+        fn = types.FunctionType(cls_forward.__code__, cls_forward.__globals__, "forward", cls_forward.__defaults__,
+                                cls_forward.__closure__)
+        fn.__qualname__, fn.__doc__ = cls_forward.__qualname__, cls_forward.__doc__
+        params = list(self.captured_signature().parameters.values())
+        fn.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params])
+        self.forward = types.MethodType(fn, self)
+
+    def captured_signature(self) -> inspect.Signature:
+        """The inputs the graphs were captured with (what ``forward`` accepts)."""
+        return inspect.signature(self._graphs["train"].forward)
+
+    def _input_error(self, exc: BaseException, args: tuple, kwargs: dict) -> DynLoRAError | None:
+        """A DynLoRAError for a call whose inputs do not fit what was captured, or None when ``exc``
+        comes from somewhere else."""
+        part = f"{type(self.model).__name__} (transformed) call"
+        sig = self.captured_signature()
+        names = ", ".join(sig.parameters) or "none"
+        message = str(exc).strip()
+        if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
+            condition = message[len("Guard failed:"):].strip()
+            return DynLoRAError(part, f"the inputs break a condition torch.export derived from the example inputs "
+                                f"({condition}); the captured graph is only valid where it holds (the model's "
+                                "code branches on or specialises to these sizes)",
+                                "call it with inputs that meet the condition, or transform with example inputs "
+                                "shaped like the calls you will make (e.g. the batch size and sequence length "
+                                "you train with)")
+        if not isinstance(exc, TypeError):
+            return None
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as why:
+            extra = [k for k in kwargs if k not in sig.parameters]
+            if extra:
+                cause = (f"{', '.join(extra)} {'was' if len(extra) == 1 else 'were'} not among the inputs captured "
+                         f"by dl.transform ({names})")
+            else:
+                cause = f"the inputs do not fit the captured ones ({names}): {why}"
+            return DynLoRAError(part, cause, "pass the same inputs the module was transformed with, or transform "
+                                "again with every input you will call it with: positional ones in example_inputs, "
+                                "keyword ones in example_kwargs (e.g. example_kwargs={'input_ids': ids, "
+                                "'attention_mask': mask, 'labels': ids})")
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)  # e.g. config, generation_config, device, get_input_embeddings
+
+    def _refuse(self, method: str) -> DynLoRAError:
+        return DynLoRAError(f"{type(self.model).__name__}.{method} on the transformed module",
+                            _UNADAPTED[method],
+                            f"call it on the merged model: dl.merge_and_unload(gm).{method}(...) (the user's own "
+                            "class with the adapters folded in); to resume training later, save gm.state_dict() "
+                            "and the optimizer's state_dict() instead")
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("generate")
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("save_pretrained")
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("push_to_hub")
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Activation checkpointing is chosen at ``dl.transform``; the graphs ignore the wrapped
+        model's flag, so this only accepts a module that already checkpoints."""
+        if self.__dict__.get("checkpointed"):
+            return
+        raise DynLoRAError(f"{type(self.model).__name__}.gradient_checkpointing_enable on the transformed module",
+                           "the captured graph does not read the wrapped model's checkpointing flag",
+                           "call model.gradient_checkpointing_enable() before dl.transform (checkpoint='auto' "
+                           "follows it) or pass checkpoint=True to dl.transform; with transformers.Trainer, leave "
+                           "gradient_checkpointing=False in its arguments")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("forward", None)  # a per-instance bound method: rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._expose_signature()
 
     def graph_module(self, mode: str = "train") -> fx.GraphModule:
         """The FX graph module run in ``mode`` ("train" or "eval")."""
@@ -151,7 +378,8 @@ class DynLoRAModule(nn.Module):
         # shared state; copy the state once and rebuild the graph modules around it.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_graphs"}, memo))
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("_graphs", "forward")},
+                                          memo))
         rebuilt: dict[int, fx.GraphModule] = {}
         new._graphs = {}
         for mode, gm in self._graphs.items():
@@ -160,11 +388,12 @@ class DynLoRAModule(nn.Module):
                 shared = {k: getattr(new, k) for k in _SHARED}
                 rebuilt[id(gm)] = graph_module(copy.deepcopy(gm.graph, memo), {**shared, **extra})
             new._graphs[mode] = rebuilt[id(gm)]
+        new._expose_signature()
         return new
 
     def __repr__(self) -> str:
         n = len(self.iter_adapters())
-        return (f"DynLoRAModule({type(self.model).__name__}, method={self.config.method}, adapters={n}, "
+        return (f"DynLoRAModule({type(self.model).__name__}, method={self.dynlora_config.method}, adapters={n}, "
                 f"capture={self.capture_method})")
 
 

@@ -8,7 +8,7 @@
 - :func:`checkpoint_regions` — rewrite: run each region under ``torch.utils.checkpoint``
 """
 
-from .checkpoint import CheckpointedRegion, checkpoint_regions
+from .checkpoint import CheckpointedRegion, checkpoint_regions, region_bodies
 from .find_targets import Skip, Target, TargetPlan, find_targets, weight_uses
 from .functionalize import functionalize_leaves
 from .insert_adapters import insert_adapters
@@ -17,4 +17,4 @@ from .remove_adapters import remove_adapters
 
 __all__ = ["Skip", "Target", "TargetPlan", "find_targets", "weight_uses", "functionalize_leaves",
            "insert_adapters", "remove_adapters", "Region", "RegionPlan", "find_regions", "repeated_blocks",
-           "recording_checkpointed_modules", "CheckpointedRegion", "checkpoint_regions"]
+           "recording_checkpointed_modules", "CheckpointedRegion", "checkpoint_regions", "region_bodies"]

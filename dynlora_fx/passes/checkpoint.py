@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..capture import graph_module
 from .regions import Region, RegionPlan, parameter_only
 
-__all__ = ["CheckpointedRegion", "checkpoint_regions"]
+__all__ = ["CheckpointedRegion", "checkpoint_regions", "region_bodies"]
 
 REGIONS_ATTR = "regions"
 
@@ -116,3 +116,8 @@ def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
     gm.recompile()
     return gm
 
+
+def region_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The subgraphs of ``gm``'s checkpointed regions (passes that rewrite every graph visit these too)."""
+    regions = getattr(gm, REGIONS_ATTR, None)
+    return [] if regions is None else [m.body for m in regions.children() if isinstance(m, CheckpointedRegion)]

@@ -7,6 +7,11 @@ vectors get no update (``dl.AdamW`` masks their gradients by the freeze counters
 Counts come from a CPU generator (identical on every rank); positions and candidates
 are chosen on the device by batched ops, with no host-device synchronisation. ReLoRA
 merges and re-initialises instead; LoRA does nothing.
+
+The switcher's state lives in the module (``gm.switch_state`` buffers, next to each
+adapter's bookkeeping buffers) and in ``dl.AdamW``'s state: whatever checkpoints the
+module's and the optimizer's ``state_dict()`` resumes switching bit-identically.
+A new switcher continues from the state the module holds.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors, project_generator
+from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors
 from ..config import ReLoRA, SwitchLoRA
 from ..errors import StateError
-from ..module import Adapter, DynLoRAModule, unwrap
+from ..module import Adapter, DynLoRAModule, SwitchState, device_seed, unwrap
 from .optim import AdamW, VectorGroup
+from .precision import RESIDUAL, check_weight_dtype, master_dtype, residual_of, update_weight
 from .schedule import expected_switches, relora_lr_multiplier
 
 __all__ = ["Switcher", "attach"]
@@ -51,33 +57,33 @@ class Switcher:
         if not self.adapters:
             raise StateError("dl.attach", "the module has no adapters (was it merged?)",
                              "attach to the module dl.transform returned, before dl.merge")
+        for ad in self.adapters:  # the module may have been cast since the transform
+            check_weight_dtype(gm.model.get_parameter(ad.target.weight), ad.target.weight)
         missing = [a.target.weight for a in self.adapters if id(a.A) not in held or id(a.B) not in held]
         if missing:
             raise StateError("dl.attach", f"the optimizer does not hold the adapters of {missing[:3]}"
                              f"{' …' if len(missing) > 3 else ''}",
                              "build the optimizer over the transformed module's parameters: dl.AdamW(gm.parameters())")
-        self.config = gm.config
+        self.config = gm.dynlora_config
         if isinstance(self.config, SwitchLoRA) and not isinstance(optimizer, AdamW):
             raise StateError("dl.attach", f"SwitchLoRA needs per-vector optimizer state, got {type(optimizer).__name__}",
                              "use dl.AdamW (a drop-in torch.optim.AdamW)")
         self.gm, self.optimizer, self.total_steps = gm, optimizer, total_steps
-        self.step = 0  # optimizer steps taken under this switcher
-        self.seed = self.config.seed
-        device = self.adapters[0].A.device
-        self._counts_gen = project_generator(self.seed, 0xC0117)
-        self._device_gen = torch.Generator(device=device)
-        self._device_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=project_generator(self.seed, 0xDE1))))
-        self._switched = torch.zeros(2, dtype=torch.long, device=device)  # rows of A, columns of B
-        self._skipped = torch.zeros((), dtype=torch.long, device=device)  # switches skipped on NaN/Inf
+        self._counts_gen = torch.Generator()
+        self._device_gen = torch.Generator(device=self.adapters[0].A.device)
         self._warned = False
-        self._relora_round = 0
         self._saved_lr: list[Any] = []
+        gm.switch_state.pull()  # a switcher attached before hands over its live state
+        # the module's state (fresh: step 0 and the config seed's generators; or what was loaded)
+        self.step = self.seed = self._relora_round = 0  # set by _adopt
+        self._adopt(gm.switch_state)
         self._cohorts: list[_Cohort] = []
         if isinstance(self.config, SwitchLoRA):
             self._cohorts = _make_cohorts(self.adapters, optimizer, self.config.candidates == "stored")
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         optimizer._dynlora_switcher = self
+        gm.switch_state.bind(self)
 
     # -- hooks -----------------------------------------------------------------------
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -131,16 +137,16 @@ class Switcher:
                 (left_a, right_a), (left_b, right_b) = side_a, side_b
                 # W absorbs both sides in one rank-2k update per adapter: a single pass over each W
                 weights = bank.weight_views(self.gm)
-                dtype = weights[0].dtype
-                left = torch.cat([left_a, left_b], dim=2).mul_(bank.scale).to(dtype)
+                dtype = master_dtype(weights[0][0].dtype)  # bf16 W absorbs into its exact fp32 master
+                left = torch.cat([left_a, left_b], dim=2).to(dtype).mul_(bank.scale)
                 right = torch.cat([right_a, right_b], dim=1).to(dtype)
                 if bank.E == 1:  # addmm_ on a matrix is ~2x faster than baddbmm_ on a batch of one
                     update, lefts, rights = torch.Tensor.addmm_, left.unbind(0), right.unbind(0)
                 else:
                     update, lefts, rights = torch.Tensor.baddbmm_, left.split(bank.E), right.split(bank.E)
-                for w, lhs, rhs, k in zip(weights, lefts, rights, counts_of):
+                for (w, residual), lhs, rhs, k in zip(weights, lefts, rights, counts_of):
                     if k:
-                        update(w, lhs, rhs)
+                        update_weight(w, residual, update, lhs, rhs)
 
     def _switch_side(self, cohort: _Cohort, side: int, kmax: int, k_per_row: torch.Tensor,
                      bank_ks: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -175,12 +181,13 @@ class Switcher:
             factors.append(f)
             valid.append(ok)
         valid = torch.cat(valid)
-        self._skipped += (chosen ^ valid).sum()
+        state = self.gm.switch_state
+        state.skipped += (chosen ^ valid).sum()
         index.scatter_(1, pos, torch.where(valid, cand, index.gather(1, pos)))
         partner_frozen.scatter_(1, pos, torch.where(valid, self.config.freeze_steps, partner_frozen.gather(1, pos)))
         last = torch.where(valid, order.gather(1, pos), -1).amax(dim=1)  # -1: nothing switched, ptr stays
         ptr.add_(last + 1).remainder_(r)
-        self._switched[side] += valid.sum()
+        state.switched[side] += valid.sum()
         return factors
 
     def _move_vectors(self, bank: _Bank, side: int, pos: torch.Tensor, cand: torch.Tensor, chosen: torch.Tensor,
@@ -200,13 +207,14 @@ class Switcher:
                else generated[..., :cols if side == SIDE_A else rows].to(A.dtype))
         rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
         # skipped slots contribute exact zeros: masked with where(), since NaN * 0 is still NaN
+        m = master_dtype(A.dtype)  # factors in W's master dtype: a bf16 difference would round
         if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c);  A[i] = c;  B[:, i]'s state resets
-            factors = torch.where(cols_ok, b_sel, 0), torch.where(rows_ok, a_sel - new, 0)
+            factors = torch.where(cols_ok, b_sel.to(m), 0), torch.where(rows_ok, a_sel.to(m) - new.to(m), 0)
             A.scatter_(1, a_idx, torch.where(rows_ok, new, a_sel))
             partner, vec_dim, moment_idx = bank.b_group, 2, b_idx
         else:  # W += s · (B[:, j] − d) ⊗ A[j];  B[:, j] = d;  A[j]'s state resets
             new_t = new.transpose(1, 2)
-            factors = torch.where(cols_ok, b_sel - new_t, 0), torch.where(rows_ok, a_sel, 0)
+            factors = torch.where(cols_ok, b_sel.to(m) - new_t.to(m), 0), torch.where(rows_ok, a_sel.to(m), 0)
             B.scatter_(2, b_idx, torch.where(cols_ok, new_t, b_sel))
             partner, vec_dim, moment_idx = bank.a_group, 1, a_idx
         if self.config.reset_vector_state and isinstance(self.optimizer, AdamW):
@@ -225,7 +233,7 @@ class Switcher:
         self._relora_round += 1
         for ad in self.adapters:
             weight = self.gm.model.get_parameter(ad.target.weight)
-            weight.add_(ad.delta().to(weight.dtype))
+            update_weight(weight, residual_of(ad, weight), torch.Tensor.add_, ad.delta(master_dtype(weight.dtype)))
             ad.reset_parameters(self.seed, self.config.init, round_=self._relora_round)
             for p in (ad.A, ad.B):  # prune the adapters' optimizer state by magnitude
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -236,23 +244,59 @@ class Switcher:
     # -- reporting, state ------------------------------------------------------------------
     def num_switched(self) -> tuple[int, int]:
         """(rows of A, columns of B) switched so far (reads the device: not for the hot path)."""
-        a, b = self._switched.tolist()
+        a, b = self.gm.switch_state.switched.tolist()
         return a, b
 
     def _warn_skips(self) -> None:
-        if not self._warned and int(self._skipped) > 0:
+        skipped = int(self.gm.switch_state.skipped)
+        if not self._warned and skipped > 0:
             self._warned = True
-            warnings.warn(f"dynlora: {int(self._skipped)} switches were skipped because the adapter vectors to "
+            warnings.warn(f"dynlora: {skipped} switches were skipped because the adapter vectors to "
                           "switch held NaN/Inf; W absorbed none of them. Lower the learning rate or clip gradients.",
                           RuntimeWarning, stacklevel=3)
 
+    # The module's switch_state buffers hold the state between saves; the host copies below are
+    # the live ones while this switcher is attached (the buffers' owner).
+    def _export_state(self, state: SwitchState) -> None:
+        """Write this switcher's host state into ``state``'s buffers (before the module is saved)."""
+        state.step.fill_(self.step)
+        state.seed.fill_(self.seed)
+        state.relora_round.fill_(self._relora_round)
+        state.set_generator("counts_generator", self._counts_gen.get_state())
+        state.set_generator("device_generator", self._device_gen.get_state())
+
+    def _import_state(self, state: SwitchState) -> None:
+        """Continue from ``state``'s buffers (after the module was loaded)."""
+        self._adopt(state)
+        for cohort in self._cohorts:  # the seed may have changed: candidate keys and tables follow it
+            cohort.refresh(force=True)
+
+    def _adopt(self, state: SwitchState) -> None:
+        step, seed = int(state.step), int(state.seed)
+        self._counts_gen.set_state(state.counts_generator.cpu())
+        device_state = state.device_generator.cpu()
+        if device_state.numel() == self._device_gen.get_state().numel():
+            self._device_gen.set_state(device_state)
+        elif step == 0:  # transformed on one device type, attached on another: a fresh generator there
+            self._device_gen.manual_seed(device_seed(seed))
+        else:
+            raise StateError("switch_state.device_generator", f"the state was saved by a switcher on another "
+                             f"device type than {self._device_gen.device.type} (its generator state has "
+                             f"{device_state.numel()} bytes)",
+                             "resume on the device type the checkpoint was written on")
+        self.step, self.seed, self._relora_round = step, seed, int(state.relora_round)
+        for ad in self.adapters:
+            ad.seed = seed  # candidates are a function of the run's seed
+
     def state_dict(self) -> dict[str, Any]:
+        """The switcher's state as one dict (a convenience: ``gm.state_dict()`` carries the same)."""
         self._warn_skips()
+        state = self.gm.switch_state
         return {
             "version": 1, "method": self.config.method, "step": self.step, "seed": self.seed,
             "total_steps": self.total_steps, "relora_round": self._relora_round,
             "counts_generator": self._counts_gen.get_state(), "device_generator": self._device_gen.get_state(),
-            "switched": self._switched.clone(), "skipped": self._skipped.clone(),
+            "switched": state.switched.clone(), "skipped": state.skipped.clone(),
             "adapters": {ad.target.weight: {k: getattr(ad, k).clone() for k in _BOOKKEEPING} for ad in self.adapters},
         }
 
@@ -281,8 +325,8 @@ class Switcher:
         self._relora_round = state["relora_round"]
         self._counts_gen.set_state(state["counts_generator"])
         self._device_gen.set_state(state["device_generator"])
-        self._switched.copy_(state["switched"])
-        self._skipped.copy_(state["skipped"])
+        self.gm.switch_state.switched.copy_(state["switched"])
+        self.gm.switch_state.skipped.copy_(state["skipped"])
         for name, entry in state["adapters"].items():
             ad = mine[name]
             ad.seed = self.seed  # candidates are a function of the run's seed
@@ -292,10 +336,12 @@ class Switcher:
             cohort.refresh(force=True)
 
     def detach(self) -> None:
-        """Remove the hooks: the optimizer steps like a plain one again."""
+        """Remove the hooks: the optimizer steps like a plain one again. The module keeps the state."""
         for h in self._hooks:
             h.remove()
         self.optimizer._dynlora_switcher = None
+        self.gm.switch_state.pull()
+        self.gm.switch_state.unbind(self)
 
 
 def _prune_smallest(buf: torch.Tensor, ratio: float) -> None:
@@ -348,7 +394,8 @@ class _Bank:
         self.GE, self.K = self.E * len(self.adapters), self.adapters[0].num_candidates
         self._weights: list[torch.Tensor] | None = None
         self._weight_ptrs: list[int] = []
-        self._weight_views: list[torch.Tensor] = []
+        self._residuals: list[torch.Tensor | None] = []
+        self._weight_views: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.tables: dict[int, torch.Tensor] = {}
         self.a_group = VectorGroup([ad.A for ad in self.adapters], -2, lambda: self.cohort.a_frozen[self.row_range])
         self.b_group = VectorGroup([ad.B for ad in self.adapters], -1, lambda: self.cohort.b_frozen[self.row_range])
@@ -382,14 +429,18 @@ class _Bank:
             return self._generate(side, index)
         return table.gather(1, index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
-    def weight_views(self, gm: DynLoRAModule) -> list[torch.Tensor]:
-        """Each adapter's W as a (rows, cols) matrix, or (E, rows, cols) for stacked experts;
-        cached while the weights keep their storage."""
-        if self._weights is None or any(w.data_ptr() != ptr for w, ptr in zip(self._weights, self._weight_ptrs)):
+    def weight_views(self, gm: DynLoRAModule) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each adapter's W as a (rows, cols) matrix, or (E, rows, cols) for stacked experts, with its
+        residual viewed alike (None where W is its own master: see runtime/precision.py); cached
+        while the weights and residuals keep their storage."""
+        if self._weights is None or any(w.data_ptr() != ptr for w, ptr in zip(self._weights, self._weight_ptrs)) \
+                or any(ad._buffers.get(RESIDUAL) is not r for ad, r in zip(self.adapters, self._residuals)):
             self._weights = [gm.model.get_parameter(ad.target.weight) for ad in self.adapters]
             self._weight_ptrs = [w.data_ptr() for w in self._weights]
+            self._residuals = [residual_of(ad, w) for ad, w in zip(self.adapters, self._weights)]
             shape = (self.rows, self.cols) if self.E == 1 else (self.E, self.rows, self.cols)
-            self._weight_views = [w.detach().view(shape) for w in self._weights]
+            self._weight_views = [(w.detach().view(shape), None if r is None else r.view(shape))
+                                  for w, r in zip(self._weights, self._residuals)]
         return self._weight_views
 
 
