@@ -76,7 +76,7 @@ class ReferenceSwitcher(Switcher):
             if self.config.reset_vector_state:
                 for vec in partner:
                     vec.zero_()
-            self._switched[side] += 1
+            self.gm.switch_state.switched[side] += 1
             last = i
         if last is not None:
             ptr[e] = (last + 1) % r

@@ -150,7 +150,7 @@ def build_report(model: nn.Module, gm: DynLoRAModule) -> dict[str, Any]:
     return {
         "model": type(model).__name__,
         "capture": gm.capture_method,
-        "config": gm.config.to_dict(),
+        "config": gm.dynlora_config.to_dict(),
         "adapters": [{"weight": a.weight, "op": a.op, "shape": list(a.shape), "rank": a.rank, "form": a.form}
                      for a in adapters(gm)],
         "skipped": [{"weight": s.weight, "reason": s.reason} for s in gm.plan.skipped],
@@ -279,7 +279,8 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
                              warmup=min(args.warmup, max(1, args.train // 10)))
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
-    runs = {"adapted": Trainer(dl_compile(gm) if args.compile else gm, gm.config, settings, user.loss_fn, inputs_of)}
+    runs = {"adapted": Trainer(dl_compile(gm) if args.compile else gm, gm.dynlora_config, settings, user.loss_fn,
+                               inputs_of)}
     if args.baseline:
         base = copy.deepcopy(model).train()
         runs["baseline"] = Trainer(torch.compile(base) if args.compile else base, None, settings, user.loss_fn,
@@ -311,7 +312,7 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     try:
         with Progress(*columns, console=err, transient=False) as progress:
             for name, trainer in runs.items():
-                label = f"{gm.config.method} r={args.rank}" if name == "adapted" else "full-rank"
+                label = f"{gm.dynlora_config.method} r={args.rank}" if name == "adapted" else "full-rank"
                 task = progress.add_task(label, total=args.train, completed=trainer.step, loss=float("nan"), tps=0.0)
                 while trainer.step < args.train:
                     loss = trainer.train_step(next(streams[name]))

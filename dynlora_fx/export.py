@@ -2,16 +2,20 @@
 
 The merged module has no adapter node left, so the ONNX graph is the plain model's.
 The batch dimension of every tensor input is exported as dynamic where the model
-allows it; the file is validated with ``onnx.checker`` and, when ``onnxruntime`` is
-installed, its outputs are compared with the merged model's.
+allows it; the file is validated with ``onnx.checker`` and its outputs are compared with
+the merged model's by ``onnxruntime`` (a dependency; the comparison is skipped only where
+it is missing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -25,21 +29,40 @@ from .module import unwrap
 __all__ = ["export_onnx", "OnnxReport", "rel_error"]
 
 
+# torch.onnx looks up torchvision's ops (nms, roi_align, …) for every export and logs a warning
+# per op when torchvision is absent; no model of ours needs them.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_IRRELEVANT = "torchvision is not installed"
+
+
+class _DropIrrelevant(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_IRRELEVANT)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Drop the exporter's "torchvision is not installed" warnings for the duration."""
+    logger, noise = logging.getLogger(_REGISTRY_LOGGER), _DropIrrelevant()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+
+
 @dataclass(frozen=True)
 class OnnxReport:
     path: str
     dynamic_batch: bool
-    max_rel_error: float | None  # onnxruntime vs merged model; None without onnxruntime
+    max_rel_error: float | None  # onnxruntime vs merged model; None only if onnxruntime is missing
 
 
-def _batch_dynamic(args: tuple, kwargs: dict) -> dict[str, Any]:
+def _batch_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Dim.AUTO on dim 0 of every tensor input, keyed by the names of ``module.forward``'s signature."""
     spec = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None  # noqa: E731
-    out: dict[str, Any] = {}
-    if args:
-        out["args"] = tuple(pytree.tree_map(spec, a) for a in args)
-    if kwargs:
-        out["kwargs"] = {k: pytree.tree_map(spec, v) for k, v in kwargs.items()}
-    return out
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
 def _flat_tensors(out: Any) -> list[torch.Tensor]:
@@ -60,8 +83,9 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     errors = []
     for dyn in (True, False):  # a dynamic batch axis where the model allows one
         try:
-            program = torch.onnx.export(merged, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                        dynamic_shapes=_batch_dynamic(args, kwargs) if dyn else None)
+            with _quiet_exporter():
+                program = torch.onnx.export(merged, args, kwargs=kwargs or None, dynamo=True, verbose=False,
+                                            dynamic_shapes=_batch_dynamic(merged, args, kwargs) if dyn else None)
             dynamic = dyn
             break
         except Exception as exc:  # noqa: BLE001

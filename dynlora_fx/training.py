@@ -128,16 +128,15 @@ class Trainer:
         return total / max(1, n)
 
     def state_dict(self) -> dict[str, Any]:
+        """Loop, optimizer and schedule state. The switcher's is in the module's ``state_dict()``
+        (save both: ``module.state_dict()`` and this)."""
         return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "switcher": self.switcher.state_dict() if self.switcher is not None else None}
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.losses = state["step"], list(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.switcher is not None:
-            self.switcher.load_state_dict(state["switcher"])
 
 
 def skip(batches: Iterator[Any], n: int) -> Iterator[Any]:
@@ -162,7 +161,7 @@ def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
         total += nbytes * (2 + optimizer_slots) if p.requires_grad else nbytes
     from .module import DynLoRAModule
 
-    if isinstance(module, DynLoRAModule) and module.config.switching:  # dl.AdamW's per-vector steps
+    if isinstance(module, DynLoRAModule) and module.dynlora_config.switching:  # dl.AdamW's per-vector steps
         total += sum(2 * (ad.A.numel() // ad.target.cols) * 4 for ad in module.iter_adapters())
     return total
 
