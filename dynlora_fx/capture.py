@@ -1,9 +1,16 @@
 """Capture: turn an arbitrary ``nn.Module`` into one FX graph per mode (train, eval).
 
 ``torch.fx.symbolic_trace`` is tried first (module-level graphs, readable); when it
-fails, hides a weight, or disagrees with the model, ``torch.export`` (non-strict)
-captures an ATen-level graph instead. Both modes are captured because a trace bakes
-in ``self.training`` (dropout flags, batch-norm statistics, stochastic depth).
+fails, hides a weight, would lose module semantics it cannot represent (forward hooks
+and pre-hooks, grad-mode changes such as ``with torch.no_grad():``), or disagrees with
+the model, ``torch.export`` (non-strict) captures an ATen-level graph instead, which
+runs hooks while tracing and keeps grad-mode regions. Both modes are captured because
+a trace bakes in ``self.training`` (dropout flags, batch-norm statistics, stochastic depth).
+
+Every captured graph is verified on the example inputs in both modes before it is
+used: outputs, every parameter's gradient and every mutated buffer must match the
+model's (same RNG seed for both runs). Backward hooks on modules survive neither
+capture path and are refused.
 
 Every graph's ``get_attr``/``call_module`` targets point into one shared state tree:
 ``model.<fqn>`` (the copy of the user's model: its parameters and buffers, read at run
@@ -13,12 +20,14 @@ time so ``.to()``/``load_state_dict`` reach both graphs) and ``constants.<name>`
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
@@ -29,6 +38,11 @@ MODES = ("train", "eval")
 # nn modules kept opaque by fx (their weights are read from the module); every other
 # torch.nn module that owns a matrix is traced through so its weights become get_attr.
 _FX_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+# parametrization modules (weight norm, orthogonal, ...) are traced through, so the functions of the
+# originals they compute appear in the graph exactly as torch.export shows them
+_PARAMETRIZE_MODULES = ("torch.nn.utils.parametrize", "torch.nn.utils.parametrizations")
+_FORWARD_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+_BACKWARD_HOOKS = (("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
 
 
 @dataclass
@@ -51,7 +65,28 @@ def graph_module(graph: fx.Graph, attrs: dict[str, nn.Module]) -> fx.GraphModule
 
 
 class _Tracer(fx.Tracer):
+    """fx tracer that keeps only weight-free torch.nn modules (and Linear/Conv/Embedding) opaque,
+    and records every node created under a grad mode other than the one tracing started in
+    (``torch.no_grad``, ``enable_grad``, ``set_grad_enabled``, ``inference_mode``): fx drops those
+    context managers, so such a graph would compute gradients the model does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # buffers read as get_attr nodes: fx otherwise runs in-place updates of a buffer
+        # (running statistics, counters) once while tracing and bakes the result in as a constant
+        self.proxy_buffer_attributes = True
+        self.grad_mode_nodes: list[str] = []
+        self._grad_mode = torch.is_grad_enabled()
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if torch.is_grad_enabled() != self._grad_mode or torch.is_inference_mode_enabled():
+            self.grad_mode_nodes.append(node.name)
+        return node
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m).__module__ in _PARAMETRIZE_MODULES or parametrize.is_parametrized(m):
+            return False
         if not super().is_leaf_module(m, qualname):
             return False
         if type(m) in _FX_LEAVES:
@@ -83,10 +118,12 @@ def _resolve(root: nn.Module, target: str) -> Any:
 def _add_constant(constants: nn.Module, obj: Any) -> str:
     """Register a traced constant once; equal constants of the two modes share a name,
     so identical train/eval graphs generate identical code."""
-    if not isinstance(obj, torch.Tensor):
-        name = f"o{sum(1 for k in vars(constants) if k[:1] == 'o' and k[1:].isdigit())}"
-        setattr(constants, name, obj)
-        return name
+    if not isinstance(obj, torch.Tensor):  # e.g. export's grad-mode region submodules
+        i = 0
+        while hasattr(constants, f"o{i}"):  # submodules live in _modules, not in vars()
+            i += 1
+        setattr(constants, f"o{i}", obj)
+        return f"o{i}"
     for name, existing in constants._buffers.items():
         if existing.dtype == obj.dtype and existing.shape == obj.shape and existing.device == obj.device \
                 and torch.equal(existing, obj.detach()):
@@ -118,6 +155,38 @@ def _retarget(graph: fx.Graph, src_root: nn.Module, model: nn.Module, constants:
                 extra[node.target] = obj
 
 
+def _hooks(model: nn.Module, kinds: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """(module path, kind of hook) for every module of ``model`` holding a hook of ``kinds``."""
+    found = []
+    for name, m in model.named_modules():
+        for attr, kind in kinds:
+            if getattr(m, attr, None):
+                found.append((name or type(model).__name__, kind))
+    return found
+
+
+def _close(ref: torch.Tensor | None, got: torch.Tensor | None, scale: float = 0.0) -> bool:
+    """Equal up to float rounding, relative to ``ref`` and to ``scale`` (the magnitude of its peers:
+    a bias gradient that is zero in theory, e.g. before a batch norm, is rounding noise of the size
+    of the other gradients); a missing gradient equals a zero one."""
+    if ref is None and got is None:
+        return True
+    ref = torch.zeros_like(got) if ref is None else ref
+    got = torch.zeros_like(ref) if got is None else got
+    if ref.shape != got.shape or ref.dtype != got.dtype:
+        return False
+    if not (ref.is_floating_point() or ref.is_complex()):
+        return torch.equal(ref, got)
+    scale = max(scale, _magnitude(ref))
+    return torch.allclose(got.detach(), ref.detach(), rtol=1e-4, atol=1e-5 * (1.0 + scale), equal_nan=True)
+
+
+def _magnitude(t: torch.Tensor | None) -> float:
+    if t is None or not t.numel() or not (t.is_floating_point() or t.is_complex()):
+        return 0.0
+    return float(t.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
+
+
 def _tree_allclose(a: Any, b: Any) -> bool:
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
@@ -126,48 +195,108 @@ def _tree_allclose(a: Any, b: Any) -> bool:
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
-                return False
+        if isinstance(x, torch.Tensor) and not _close(x, y):
+            return False
+        if not isinstance(x, torch.Tensor) and x != y and not (isinstance(x, float) and math.isnan(x)):
+            return False
     return True
 
 
-def _try_symbolic_trace(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict,
-                        expected: Any) -> tuple[dict[str, fx.GraphModule] | None, str]:
+_PROBE_SEED = 1234
+
+
+def _probe(fn: Any, model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, list, dict[str, torch.Tensor]]:
+    """Run ``fn`` (the model or one of its graphs) under a fixed RNG seed with gradients on: returns
+    the output, the gradient of a fixed random projection of the output w.r.t. each trained parameter,
+    and the buffers after the call. The buffers are put back as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() skips tied duplicates
+    before = {k: b.detach().clone() for k, b in model.named_buffers()}
+    cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            torch.manual_seed(_PROBE_SEED)
+            out = fn(*args, **kwargs)
+            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad
+                      and (t.is_floating_point() or t.is_complex())]
+            grads: list = [None] * len(params)
+            if leaves and params:
+                gen = torch.Generator().manual_seed(_PROBE_SEED)
+                loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).real.sum()
+                           for t in leaves)
+                grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        after = {k: b.detach().clone() for k, b in model.named_buffers()}
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in before and b.shape == before[k].shape:
+                    b.copy_(before[k])
+    return out, grads, after
+
+
+def _verify(model: nn.Module, graphs: dict[str, fx.GraphModule], args: tuple, kwargs: dict) -> str:
+    """'' when every mode's graph matches ``model`` on the example inputs (outputs, parameter
+    gradients, mutated buffers), else what differs. A mode in which the model itself rejects the
+    inputs (e.g. batch norm on a batch of 1 in train mode) cannot be compared and is passed."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    was_training = model.training
+    try:
+        for mode in MODES:
+            model.train(mode == "train")  # fx leaf modules (dropout, batch norm) read the mode at run time
+            try:
+                ref = _probe(model, model, args, kwargs)
+            except Exception:  # noqa: BLE001 - the model's own failure in this mode is not ours to judge
+                continue
+            try:
+                # the generated forward, not the GraphModule's __call__, which prints the traceback
+                got = _probe(graphs[mode].forward, model, args, kwargs)
+            except Exception as exc:  # noqa: BLE001
+                return f"its {mode}-mode graph fails on the example inputs: {_first_line(exc)}"
+            if not _tree_allclose(got[0], ref[0]):
+                return f"its {mode}-mode graph's output differs from the model's"
+            scale = max((_magnitude(r) for r in ref[1]), default=0.0)
+            for name, r, g in zip(names, ref[1], got[1]):
+                if not _close(r, g, scale):
+                    return f"its {mode}-mode graph gives {name} a different gradient than the model does"
+            for name, r in ref[2].items():
+                if not _close(r, got[2].get(name)):
+                    return f"its {mode}-mode graph leaves buffer {name} different from the model"
+    finally:
+        model.train(was_training)
+    return ""
+
+
+def _try_symbolic_trace(model: nn.Module, constants: nn.Module) -> tuple[dict[str, fx.GraphModule] | None, str]:
+    hooked = _hooks(model, _FORWARD_HOOKS)
+    if hooked:  # fx runs a non-leaf module's hooks once while tracing and drops a leaf's entirely
+        return None, f"torch.fx.symbolic_trace cannot keep the {hooked[0][1]} of {hooked[0][0]}"
     graphs: dict[str, fx.GraphModule] = {}
+    seen: set[int] = set()  # parameters some mode's graph reads
     was_training = model.training
     try:
         for mode in MODES:
             model.train(mode == "train")
+            tracer = _Tracer()
             try:
-                graph = _Tracer().trace(model)
+                graph = tracer.trace(model)
             except Exception as exc:  # noqa: BLE001 - any tracing failure means "use export"
                 return None, f"torch.fx.symbolic_trace failed: {_first_line(exc)}"
-            seen: set[int] = set()
+            if tracer.grad_mode_nodes:
+                return None, (f"forward changes the grad mode (torch.no_grad, enable_grad, set_grad_enabled or "
+                              f"inference_mode) around node {tracer.grad_mode_nodes[0]}, which "
+                              "torch.fx.symbolic_trace drops")
             for node in graph.nodes:
                 if node.op == "get_attr":
                     seen.add(id(_resolve(model, node.target)))
                 elif node.op == "call_module":
                     seen.update(id(p) for p in _resolve(model, node.target).parameters())
-            hidden = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in seen]
-            if hidden:
-                return None, f"torch.fx.symbolic_trace does not show how {hidden[0]} is used"
             extra: dict[str, nn.Module] = {}
             _retarget(graph, model, model, constants, extra)
             graphs[mode] = graph_module(graph, {"model": model, "constants": constants, **extra})
     finally:
         model.train(was_training)
-    if expected is not None:
-        try:
-            model.eval()  # fx leaf modules (dropout, batch norm) read the mode at run time
-            with torch.no_grad():
-                got = graphs["eval"](*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"the torch.fx.symbolic_trace graph fails on the example inputs: {_first_line(exc)}"
-        finally:
-            model.train(was_training)
-        if not _tree_allclose(got, expected):
-            return None, "the torch.fx.symbolic_trace graph's output differs from the model's (traced Python baked in a value)"
+    hidden = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in seen]
+    if hidden:
+        return None, f"torch.fx.symbolic_trace does not show how {hidden[0]} is used"
     return graphs, ""
 
 
@@ -223,21 +352,53 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
     return graphs, ""
 
 
+def _state(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor | None]]:
+    """Every buffer (with a copy of its value) and plain tensor attribute of ``model``'s modules:
+    running the model while capturing it moves batch-norm statistics and counters, and hooks
+    such as ``spectral_norm``'s rebind attributes to tensors that need gradients."""
+    out = []
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                out.append((m, "_buffers", name, b, b.detach().clone()))
+        for name, v in vars(m).items():
+            if isinstance(v, torch.Tensor):
+                out.append((m, "__dict__", name, v, None))
+    return out
+
+
+@torch.no_grad()
+def _put_back(state: list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor | None]]) -> None:
+    for m, where, name, obj, value in state:
+        if where == "_buffers":
+            m._buffers[name] = obj
+            obj.copy_(value)
+        else:
+            m.__dict__[name] = obj
+
+
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Capture:
     """Capture ``model`` (which the graphs will share, so pass a copy) for both modes.
 
     ``args``/``kwargs`` are example inputs; without them only symbolic tracing is possible.
-    Raises ``CaptureError`` when neither path works.
+    Raises ``CaptureError`` when neither path works. The model's buffers and tensor
+    attributes are as they were when it returns.
     """
-    kwargs = dict(kwargs or {})
+    state = _state(model)
+    try:
+        return _capture(model, args, dict(kwargs or {}))
+    finally:
+        _put_back(state)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
     have_inputs = bool(args) or bool(kwargs)
-    expected = None
     if have_inputs:
         was_training = model.training
         try:
             model.eval()
             with torch.no_grad():
-                expected = model(*args, **kwargs)
+                model(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise CaptureError(f"{type(model).__name__}.forward",
                                f"the model rejects the example inputs ({_first_line(exc)})",
@@ -246,9 +407,19 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
         finally:
             model.train(was_training)
 
+    backward = _hooks(model, _BACKWARD_HOOKS)
+    if backward:
+        where, kind = backward[0]
+        raise CaptureError(where, f"it has a {kind}, which no captured graph runs (gradients would silently "
+                                  "bypass it)",
+                           "remove the hook before dl.transform and register it on the transformed module instead")
     notes: list[str] = []
     constants = nn.Module()
-    graphs, why = _try_symbolic_trace(model, constants, args, kwargs, expected)
+    graphs, why = _try_symbolic_trace(model, constants)
+    if graphs is not None and have_inputs:
+        why = _verify(model, graphs, args, kwargs)
+        if why:
+            graphs, why = None, f"torch.fx.symbolic_trace's graph is wrong: {why}"
     if graphs is not None:
         return Capture(graphs, "symbolic_trace", constants, notes)
     notes.append(why)
@@ -264,4 +435,10 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> C
                            "make forward exportable: replace data-dependent Python control flow with torch.cond "
                            "or tensor ops, return only tensors/containers of tensors (e.g. use_cache=False for "
                            "Hugging Face models), and check that the example inputs match forward's signature")
+    why = _verify(model, graphs, args, kwargs)
+    if why:
+        notes.append(f"torch.export's graph is wrong: {why}")
+        raise CaptureError(f"{type(model).__name__}.forward", "; ".join(notes),
+                           "make forward a function of its inputs, parameters and buffers only (no Python-side "
+                           "state, no hooks or RNG outside torch); a captured graph cannot reproduce the rest")
     return Capture(graphs, "export", constants, notes)

@@ -5,7 +5,11 @@ A *weight use* follows a parameter of >= 2 dims from each read (``get_attr`` or 
 A parameter is a target when every consumer is a matrix product (linear, convolution,
 mm/bmm/matmul/addmm/einsum, RNN ops, packed attention, grouped-mm, or an op we do
 not know — unknown ops get the weight-space form rather than silence). Everything
-else is a skip with a reason. This pass reads the graph and never changes it.
+else is a skip with a reason. The uses are those of every mode's graph (a weight read
+only in eval mode is still a weight), and a read inside a ``torch.no_grad`` region
+(export's ``wrap_with_set_grad_enabled(False, ...)``) neither blocks nor justifies an
+adapter: a weight read only there gets no gradient and is skipped as such. This pass
+reads the graphs and never changes them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,9 @@ _NOT_MATRIX = {
     "pad", "constant_pad_nd", "roll", "flip", "repeat", "tile", "max", "min", "amax", "amin", "exp",
     "sigmoid", "tanh", "relu", "gelu", "silu", "clamp", "zeros_like", "ones_like", "empty_like",
 }
+# ops whose matrix operand is one argument only: weight norm's g (the per-row magnitude) is not a matrix
+_MATRIX_ARG = {"_weight_norm": 0, "_weight_norm_interface": 0}
+_GRAD_REGION = "wrap_with_set_grad_enabled"  # export's grad-mode region: (enabled, subgraph, *inputs)
 
 
 def op_name(node: fx.Node) -> str:
@@ -102,7 +110,7 @@ class WeightUse:
     reader: fx.Node  # the get_attr / call_module that reads the parameter
     consumer: fx.Node
     op: str
-    kind: str  # "matrix" | "other"
+    kind: str  # "matrix" | "other" | "nograd" (read inside a torch.no_grad region)
     direct: bool  # reader is the consumer's weight argument itself (activation branch possible)
     transposed: bool  # an odd number of transposes between reader and consumer
 
@@ -126,9 +134,33 @@ def _direct(reader: fx.Node, consumer: fx.Node, name: str) -> bool:
     return False
 
 
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value reaches the output or a side effect (an in-place op, a module call):
+    symbolic tracing keeps dead code, and a product nobody reads is no use of its weight."""
+    def effectful(n: fx.Node) -> bool:
+        if n.op in ("output", "call_module") or (n.op == "call_method" and str(n.target).endswith("_")):
+            return True
+        if n.op == "call_function":
+            t = n.target
+            if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+                return True
+            return n.is_impure() or getattr(t, "__name__", "").endswith("_")
+        return False
+
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if effectful(n)]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    return live
+
+
 def weight_uses(gm: fx.GraphModule, param: torch.Tensor) -> list[WeightUse]:
-    """Every consumer of ``param`` in ``gm``, followed through view-like ops."""
+    """Every live consumer of ``param`` in ``gm``, followed through view-like ops."""
     uses: list[WeightUse] = []
+    live = live_nodes(gm.graph)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             if _get(gm, node.target) is not param:
@@ -138,10 +170,16 @@ def weight_uses(gm: fx.GraphModule, param: torch.Tensor) -> list[WeightUse]:
                 src, user, transposed = stack.pop()
                 kind = classify(user)
                 name = op_name(user)
+                if user not in live:
+                    continue
                 if kind == "view":
                     flip = transposed ^ (name in _TRANSPOSING)
                     stack.extend((user, u, flip) for u in user.users)
                 elif kind != "meta":
+                    if name in _MATRIX_ARG and (user.args[:1] or (None,))[0] is not src:
+                        kind = "other"
+                    elif name == _GRAD_REGION and user.args[:1] == (False,):
+                        kind = "nograd"
                     uses.append(WeightUse(node, user, name, kind, src is node and _direct(node, user, name),
                                           transposed))
         elif node.op == "call_module":
@@ -220,9 +258,20 @@ def _matrix_view(shape: tuple[int, ...], conv_like: bool) -> tuple[tuple[int, ..
     return tuple(shape[:-2]), shape[-2], shape[-1]  # stacked experts: adapt each
 
 
-def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "model") -> TargetPlan:
-    """Plan which weights of ``gm.<model_attr>`` get adapters under ``config`` (reads only)."""
-    model = getattr(gm, model_attr)
+def find_targets(graphs: fx.GraphModule | Sequence[fx.GraphModule] | Mapping[str, fx.GraphModule],
+                 config: AdapterConfig, model_attr: str = "model") -> TargetPlan:
+    """Plan which weights of ``<graph>.<model_attr>`` get adapters under ``config`` (reads only).
+
+    ``graphs`` is one graph module or several sharing one model (a dict of them by mode, as
+    capture makes): a weight's uses are the union of its uses in all of them."""
+    if isinstance(graphs, fx.GraphModule):
+        graphs = [graphs]
+    elif isinstance(graphs, Mapping):
+        graphs = list(graphs.values())
+    gms = list({id(g): g for g in graphs}.values())
+    if not gms:
+        raise ValueError("find_targets needs at least one graph module")
+    model = getattr(gms[0], model_attr)
     names_of: dict[int, list[str]] = {}
     params: dict[int, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -251,9 +300,13 @@ def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "m
         if not p.requires_grad:
             skip("frozen in the model (requires_grad=False); adapters are only added to trained weights")
             continue
-        uses = weight_uses(gm, p)
+        uses = [u for gm in gms for u in weight_uses(gm, p)]
         if not uses:
             skip("not used by forward")
+            continue
+        if all(u.kind == "nograd" for u in uses):
+            skip(f"read only under torch.no_grad (node {uses[0].consumer.name}), so it gets no gradient; "
+                 "it stays as is")
             continue
         others = [u for u in uses if u.kind == "other"]
         if others:
@@ -264,7 +317,8 @@ def find_targets(gm: fx.GraphModule, config: AdapterConfig, model_attr: str = "m
                 tied = " (tied to an embedding)" if "embedding" in o.op else ""
                 skip(f"feeds a matrix product but also {o.op} (node {o.consumer.name}){tied}; it stays full-rank")
             continue
-        conv_like = all(u.op in _CONV or u.op.startswith("conv") for u in uses)
+        uses = sorted(uses, key=lambda u: u.kind == "nograd")  # a product with gradients first
+        conv_like = all(u.op in _CONV or u.op.startswith("conv") for u in uses if u.kind == "matrix")
         batch, rows, cols = _matrix_view(tuple(p.shape), conv_like)
         r = resolve_rank(config.rank, rows, cols)
         if r > min(rows, cols):

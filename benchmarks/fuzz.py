@@ -1,0 +1,126 @@
+"""Fuzzing campaign: random small models through ``dl.transform``, every invariant checked.
+
+    python benchmarks/fuzz.py --count N [--start S] [--out benchmarks/results/fuzz_S.json] [--shrink]
+    python benchmarks/fuzz.py --summarize benchmarks/results/fuzz_*.json [--out benchmarks/results/fuzz.json] [--markdown]
+
+Models come from ``tests/fuzz_models.py`` (seed ``S`` .. ``S+N-1``; the CI test runs a fixed
+seeded subset of the same generator). The JSON holds, per model, its seed, features, capture
+path, outcome and failed checks; with ``--shrink`` every failure is also reduced to a minimal
+spec, ready to become a regression test. It is rewritten every 20 models, so a campaign cut
+short keeps what it ran. ``--summarize`` merges chunk files into one table by feature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fuzz_models as fm  # noqa: E402
+from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(seed: int, shrink: bool) -> dict[str, Any]:
+    spec = fm.draw_spec(seed)
+    t0 = time.perf_counter()
+    try:
+        res = fm.check_spec(spec)
+    except Exception as exc:  # noqa: BLE001 - a crash of the checker itself is a finding too
+        res = {"outcome": "fail", "capture": None, "notes": [],
+               "failures": [{"check": "crash", "detail": f"{type(exc).__name__}: {exc}"[:600]}]}
+    row = {"seed": seed, "features": fm.features(spec), "capture": res["capture"], "outcome": res["outcome"],
+           "seconds": round(time.perf_counter() - t0, 3), "failures": res["failures"],
+           "notes": [n for n in res["notes"] if not n.startswith("switched")]}
+    if res["outcome"] == "fail":
+        row["spec"] = spec
+        if shrink:
+            row["shrunk"] = fm.shrink(spec, {f["check"] for f in res["failures"]})
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_feature: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in rows:
+        for f in r["features"]:
+            by_feature[f]["tried"] += 1
+            by_feature[f][r["outcome"]] += 1
+    checks = collections.Counter(f["check"] for r in rows for f in r["failures"])
+    return {
+        "models": len(rows),
+        "outcomes": dict(collections.Counter(r["outcome"] for r in rows)),
+        "capture": dict(collections.Counter(str(r["capture"]) for r in rows)),
+        "failed_checks": dict(checks),
+        "seconds_total": round(sum(r["seconds"] for r in rows), 1),
+        "seconds_median": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else None,
+        "by_feature": {k: dict(v) for k, v in sorted(by_feature.items())},
+        "failures": [{k: r[k] for k in ("seed", "failures", "spec", "shrunk") if k in r}
+                     for r in rows if r["outcome"] == "fail"],
+    }
+
+
+def table(summary: dict[str, Any]) -> str:
+    groups = collections.OrderedDict()
+    for feat, c in summary["by_feature"].items():
+        groups[feat] = [feat, c.get("tried", 0), c.get("ok", 0), c.get("refused", 0), c.get("fail", 0)]
+    return markdown_table(["feature", "models", "ok", "refused", "failed"], list(groups.values()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--shrink", action="store_true", help="reduce every failure to a minimal spec")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="merge chunk files instead of running")
+    p.add_argument("--markdown", action="store_true", help="print the per-feature table")
+    a = p.parse_args()
+    warnings.filterwarnings("ignore")  # export's warnings about the generated models are not findings
+
+    if a.summarize:
+        rows = [r for path in a.summarize for r in json.loads(Path(path).read_text())["results"]]
+        rows = list({r["seed"]: r for r in rows}.values())
+        out = {"sources": a.summarize, "summary": summarize(rows), "results": rows}
+        write_json(a.out or ROOT / "benchmarks/results/fuzz.json", out)
+        s = out["summary"]
+        print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
+        if a.markdown:
+            print(table(s))
+        return
+
+    torch.set_num_threads(a.threads)
+    path = Path(a.out or ROOT / f"benchmarks/results/fuzz_{a.start}.json")
+    header = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "start": a.start,
+              "count": a.count, "machine": machine_info(), "code": code_version(ROOT)}
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, seed in enumerate(range(a.start, a.start + a.count)):
+        row = run_one(seed, a.shrink)
+        rows.append(row)
+        if row["outcome"] == "fail":
+            log(f"seed {seed}: FAIL {[f['check'] + ': ' + f['detail'][:120] for f in row['failures']]}")
+        if (i + 1) % 20 == 0 or i + 1 == a.count:
+            write_json(path, {**header, "done": len(rows), "wall_seconds": round(time.perf_counter() - t0, 1),
+                              "summary": summarize(rows), "results": rows})
+            log(f"{i + 1}/{a.count} models, {sum(r['outcome'] == 'fail' for r in rows)} failing, "
+                f"{time.perf_counter() - t0:.0f} s")
+    s = summarize(rows)
+    print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
+    if a.markdown:
+        print(table(s))
+
+
+if __name__ == "__main__":
+    main()
