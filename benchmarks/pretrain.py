@@ -40,7 +40,12 @@ Presets (``--preset``):
              0.445 lora, 0.45 switchlora, 0.47 switchlora-stored; an evaluation (8 x 16x128) 1.0-1.4 s
              -> ~38 min. On 2 uncontended cores a full-rank step took 0.21 s -> estimate ~20-25 min.
              ``--seeds 2`` adds 3600 steps (~15 min uncontended, ~26 min at 1 core).
-    gpu      8 layers, d=512, rank 128, batch 32x256, 3000 steps, on CUDA
+    gpu      one GPU, bf16 compute (--precision bf16-autocast): 8 layers, d=1024, rank 256,
+             batch 64x256 = 16k tokens/step, 3000 steps, on CUDA
+
+``--precision`` picks fp32 (default), bf16-autocast (fp32 parameters and optimizer state, bf16
+compute: the recommended low-precision recipe) or bf16 (parameters cast to bf16; adapted weights
+keep an exact fp32 master). Every method runs in the chosen precision.
 
 The rank must bind: plain LoRA should end clearly (>= 2 %) worse than well-tuned full-rank;
 the summary prints a WARNING line when it does not.
@@ -88,7 +93,7 @@ import torch.nn as nn
 
 import dynlora_fx as dl
 from dynlora_fx import corpus as _corpus
-from dynlora_fx.training import Trainer, TrainSettings, full_rank_state_bytes, stored_candidate_bytes, \
+from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, stored_candidate_bytes, \
     training_state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +136,7 @@ class Preset:
     galore_scale: float = 0.25
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None = torch's default
+    precision: str = "fp32"  # dynlora_fx.training.PRECISIONS: fp32, bf16-autocast (fp32 params, bf16 compute), bf16
 
 
 # Grids: three values per family, a factor 2 apart, centred on each family's optimum in
@@ -153,8 +159,10 @@ PRESETS = {
                     galore_update_proj_gap=5, threads=1),
     "default": Preset("default", n_layers=4, dim=192, n_heads=6, rank=48, batch_size=16, seq_len=128, steps=600,
                       eval_every=50, val_batches=8, seeds=1, sweep_steps=100, grids=dict(_GRIDS)),
-    "gpu": Preset("gpu", n_layers=8, dim=512, n_heads=8, rank=128, batch_size=32, seq_len=256, steps=3000,
-                  eval_every=100, val_batches=16, seeds=2, sweep_steps=500, grids=dict(_GRIDS), device="cuda"),
+    # one GPU, bf16 compute: LLaMA-style d=1024, 8 layers, 64x256 = 16k tokens/step
+    "gpu": Preset("gpu", n_layers=8, dim=1024, n_heads=16, rank=256, batch_size=64, seq_len=256, steps=3000,
+                  eval_every=100, val_batches=16, seeds=2, sweep_steps=500, grids=dict(_GRIDS), device="cuda",
+                  precision="bf16-autocast"),
 }
 
 
@@ -236,7 +244,7 @@ class Bench:
 
     def model(self, seed: int) -> nn.Module:
         if seed not in self._models:
-            self._models[seed] = build_model(self.tl, self.p, seed).to(self.device)
+            self._models[seed] = cast_model(build_model(self.tl, self.p, seed).to(self.device), self.p.precision)
         return self._models[seed]
 
     def _transform_once(self, config: Any, seed: int, label: str) -> nn.Module:
@@ -265,7 +273,7 @@ class Bench:
     def settings(self, steps: int, lr: float) -> TrainSettings:
         p = self.p
         return TrainSettings(steps=steps, lr=lr, lr_other=p.lr_other, warmup=max(1, round(p.warmup_frac * steps)),
-                             min_lr_ratio=p.min_lr_ratio, clip=p.clip)
+                             min_lr_ratio=p.min_lr_ratio, clip=p.clip, precision=p.precision)
 
     def trainer(self, method: str, steps: int, lr: float, seed: int) -> tuple[Trainer, nn.Module]:
         config = method_config(method, self.p, steps, seed)
@@ -398,6 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int)
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--device")
+    ap.add_argument("--precision", choices=PRECISIONS,
+                    help="fp32; bf16-autocast: fp32 parameters, bf16 compute (recommended); bf16: bf16 parameters")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormals to zero (slow on CPU)")
     ap.add_argument("--out", default="benchmarks/results/pretrain.json")
@@ -422,7 +432,7 @@ def _kv(items: list[str], what: str, many: bool) -> dict[str, Any]:
 
 def resolve(args: argparse.Namespace) -> tuple[Preset, list[str], dict[str, float]]:
     p = copy.deepcopy(PRESETS[args.preset])
-    for name in ("seeds", "steps", "sweep_steps", "lr_other", "rank", "eval_every", "device", "threads"):
+    for name in ("seeds", "steps", "sweep_steps", "lr_other", "rank", "eval_every", "device", "threads", "precision"):
         if getattr(args, name) is not None:
             setattr(p, name, getattr(args, name))
     if p.steps < 1 or p.seeds < 1 or p.sweep_steps < 0:

@@ -21,15 +21,18 @@ closed, since nothing is kept there anyway.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.fx.node import has_side_effect
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["merge_weight", "merged_weight", "enter_recompute_scope", "exit_recompute_scope"]
+__all__ = ["merge_weight", "merged_weight", "enter_recompute_scope", "exit_recompute_scope", "keep_merged_weights"]
+
+_recompute = True  # False inside keep_merged_weights()
 
 
 def merge_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,7 +59,9 @@ class _MergeWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        b, a, scale = ctx.saved_tensors
+        # in the gradient's dtype: under autocast W' (and its gradient) is bf16 while the factors are
+        # fp32; autograd casts each returned gradient to its input's dtype, as autocast's casts would
+        b, a, scale = (t.to(grad.dtype) for t in ctx.saved_tensors)
         g = grad.reshape(*b.shape[:-2], b.shape[-2], a.shape[-1])  # (*batch, m, n)
         grad_b = (g @ a.mT) * scale if ctx.needs_input_grad[1] else None
         grad_a = (b * scale).mT @ g if ctx.needs_input_grad[2] else None
@@ -68,11 +73,13 @@ class _Merged:
     """One ``W'`` of a forward pass: its inputs, their versions, and the recomputed value while
     some saved reference still waits for it."""
 
-    __slots__ = ("inputs", "versions", "pending", "value")
+    __slots__ = ("inputs", "versions", "pending", "value", "autocast")
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs
         self.versions = tuple(t._version for t in inputs)
+        device = inputs[0].device.type  # the recomputation replays forward's autocast (bf16 W' under bf16)
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         self.pending = 0  # saved references not yet unpacked
         self.value: torch.Tensor | None = None
 
@@ -85,7 +92,8 @@ class _Merged:
                 "the optimizer step or switching changes them")
         value = self.value
         if value is None:
-            with torch.no_grad():
+            device, dtype, enabled = self.autocast
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 value = merge_weight(*self.inputs)
         self.pending -= 1
         self.value = value if self.pending > 0 else None  # keep it only for this weight's other uses
@@ -158,6 +166,8 @@ class _Scope:
 
 def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """:func:`merge_weight`, arranged so that backward recomputes it instead of keeping it."""
+    if not _recompute:
+        return merge_weight(w, b, a, scale)
     if torch.compiler.is_compiling():
         return checkpoint(merge_weight, w, b, a, scale, use_reentrant=False)
     out = _MergeWeight.apply(w, b, a, scale)
@@ -173,11 +183,25 @@ def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: torc
     return out
 
 
+@contextlib.contextmanager
+def keep_merged_weights() -> Iterator[None]:
+    """Graphs run (eager) or compiled inside keep every ``W'`` for backward, as plain autograd would:
+    the form before recomputation, for comparison, or a way out should the scope's hooks clash with
+    a framework's own. Process-wide; compiled graphs take the setting they were compiled under
+    (Dynamo guards on it). Cover the backward too where it recomputes checkpointed blocks."""
+    global _recompute
+    before, _recompute = _recompute, False
+    try:
+        yield
+    finally:
+        _recompute = before
+
+
 @has_side_effect
 def enter_recompute_scope() -> _Scope | None:
     """Start holding ``W'`` as recipes for the graph about to run; returns what
     :func:`exit_recompute_scope` needs (``None``: nothing to undo)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() \
+    if not _recompute or torch.compiler.is_compiling() or not torch.is_grad_enabled() \
             or not torch._C._autograd._saved_tensors_hooks_is_enabled():
         return None
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)

@@ -6,6 +6,7 @@ attached through ``dl.attach`` — the two lines a user adds to their own loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, SwitchLoRA
+from .errors import ConfigError
 from .runtime import AdamW, attach
+from .runtime.precision import RESIDUAL
 
-__all__ = ["TrainSettings", "cosine_multiplier", "make_optimizer", "Trainer", "default_model_inputs"]
+__all__ = ["TrainSettings", "PRECISIONS", "cast_model", "autocast", "cosine_multiplier", "make_optimizer", "Trainer",
+           "default_model_inputs"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,30 @@ class TrainSettings:
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables
+    precision: str = "fp32"  # one of PRECISIONS: "bf16-autocast" runs forward under torch.autocast(bfloat16)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError("TrainSettings.precision", f"got {self.precision!r}", f"use one of {PRECISIONS}")
+
+
+# fp32: everything fp32. bf16-autocast (recommended for low precision): fp32 parameters and optimizer
+# state, bf16 compute under torch.autocast. bf16: the model's parameters are cast to bf16
+# (cast_model); adapted weights keep an exact fp32 master (runtime/precision.py).
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+
+
+def cast_model(model: nn.Module, precision: str) -> nn.Module:
+    """``model`` (in place) in the parameter dtype ``precision`` asks for."""
+    return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def autocast(module: nn.Module, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on the module's device (a no-op for fp32 and bf16)."""
+    if precision != "bf16-autocast":
+        return contextlib.nullcontext()
+    device = next(module.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -99,8 +127,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.module.train()
         inputs = self.model_inputs(batch)
-        out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
-        loss = self.loss_fn(out, batch)
+        with autocast(self.module, self.settings.precision):
+            out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
+            loss = self.loss_fn(out, batch)
         loss.backward()
         if self.settings.clip:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.clip)
@@ -121,8 +150,9 @@ class Trainer:
         total, n = 0.0, 0
         for batch in batches:
             inputs = self.model_inputs(batch)
-            out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
-            total += self.loss_fn(out, batch).item()
+            with autocast(self.module, self.settings.precision):
+                out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
+                total += self.loss_fn(out, batch).item()
             n += 1
         self.module.train()
         return total / max(1, n)
@@ -156,6 +186,8 @@ def training_state_bytes(module: nn.Module, optimizer_slots: int = 2) -> int:
     """Bytes of parameters + gradients + AdamW moments (+ stored candidates) for training ``module``
     as it stands: frozen parameters cost their storage only."""
     total = stored_candidate_bytes(module)
+    total += sum(b.numel() * b.element_size() for name, b in module.named_buffers()  # bf16 W's fp32 low halves
+                 if name.rsplit(".", 1)[-1] == RESIDUAL)
     for p in module.parameters():  # tied parameters come once
         nbytes = p.numel() * p.element_size()
         total += nbytes * (2 + optimizer_slots) if p.requires_grad else nbytes
