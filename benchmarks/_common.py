@@ -24,7 +24,7 @@ import torch
 from dynlora_fx.console import human_bytes as _human_bytes
 
 __all__ = ["code_version", "machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "SavedTensors",
-           "median", "quantile", "human_bytes", "write_json", "markdown_table", "settle", "log"]
+           "optimizer_state_bytes", "median", "quantile", "human_bytes", "write_json", "markdown_table", "settle", "log"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -172,6 +172,20 @@ class SavedTensors:
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__()
+
+
+def optimizer_state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Measured training state: parameters, gradients of trained ones, every tensor in the
+    optimizer's state, and GaLore's projection matrices (its ``GaLoreProjector.ortho_matrix``)."""
+    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in module.parameters())
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif getattr(v, "ortho_matrix", None) is not None:
+                mats = v.ortho_matrix if isinstance(v.ortho_matrix, (list, tuple)) else [v.ortho_matrix]
+                total += sum(m.numel() * m.element_size() for m in mats)
+    return total
 
 
 def settle(device: torch.device) -> None:

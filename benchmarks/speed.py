@@ -16,6 +16,10 @@ Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
 - ``switchlora-reference``  dl.SwitchLoRA switched by the per-vector
                             Python loop of ``reference_switching.ReferenceSwitcher``
 
+- ``switchlora-keep``       ``switchlora-seeded`` run under ``dynlora_fx.ops.keep_merged_weights()``: the
+                            weight-space form as it was before it recomputed ``W'`` in backward
+                            (autograd keeps every merged weight): the A/B for that change
+
 Adapter configs keep ``form="auto"`` and get ``tokens_per_step`` = the setting's batch x seq,
 so the library picks each weight's form as it would for a user; the forms it chose are listed.
 Compiled variants use ``dynamic=False``; compile time is the first step minus the median step,
@@ -32,9 +36,11 @@ A second part sweeps the adapter form per op: for every adapted weight shape of 
 and tokens/step, the forward + backward of ``x @ W'.T`` (x needing its gradient, as inside a
 network) with the activation branch (about 3·T·r·(m+n) multiply-adds on top of the frozen op)
 and with the weight-space form as ``insert_adapters`` writes it (``addmm(W, s·B, A)``: r·m·n
-forward, the factor gradients 2·r·m·n and the full weight gradient T·m·n), timed interleaved.
+forward and again in backward, where it is recomputed rather than kept, the factor gradients
+2·r·m·n and the full weight gradient T·m·n), timed interleaved.
 It reports the ratio, the form ``form="auto"`` picks (``find_targets.choose_form``), and where
-the measured ratio crosses 1 next to where the library's cost model puts it.
+the measured ratio crosses 1 next to where ``choose_form`` switches forms (found by bisection on
+the library's own function, not re-derived here).
 
 Usage::
 
@@ -48,7 +54,16 @@ Writes JSON (``--out``, default ``benchmarks/results/speed.json``) and prints ta
 stdout (``--markdown``: GitHub markdown for the README); progress goes to stderr.
 Memory: ``state`` is ``training_state_bytes`` (parameters + gradients + AdamW moments of
 what trains, storage of what is frozen, stored candidates) — ``full_rank_state_bytes`` for
-full-rank. ``RSS Δ`` is what the process's RSS grew by while the variant was built and
+full-rank. ``saved for backward`` is what one step's forward (and loss) hands autograd, counted
+with ``saved_tensors_hooks`` as bytes of distinct storages, parameters and buffers left out (they
+are in ``state``); it is measured on every timed variant (compiled ones too) in its last warm-up
+step. ``peak`` = state + saved: the memory a step needs at the end of its forward. A memory probe
+per setting (eager, one step each, fresh builds) adds GaLore (galore-torch's AdamW at the same rank
+on the weights the pass adapts; state measured after a step, projectors included), both adapter
+forms forced, and every row again with per-block activation checkpointing
+(``dl.transform(..., checkpoint=True)``; for full-rank and GaLore each block under
+``torch.utils.checkpoint``); ratios are against full-rank with the same checkpointing, and
+against full-rank without (``unchecked``). ``RSS Δ`` is what the process's RSS grew by while the variant was built and
 warmed up (after a heap trim), ``RSS peak Δ`` the highest RSS seen meanwhile minus the RSS
 before: both are process-wide (earlier variants stay resident, compiled variants include
 compiler memory), so read them as rough per-variant costs.
@@ -79,16 +94,18 @@ import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dynlora_fx as dl  # noqa: E402
-from dynlora_fx.passes.find_targets import adapter_costs, choose_form  # noqa: E402
+from dynlora_fx.ops import enter_recompute_scope, exit_recompute_scope, keep_merged_weights, merged_weight  # noqa: E402
+from dynlora_fx.passes.find_targets import choose_form  # noqa: E402
 from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
 from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, code_version, current_rss, human_bytes, log, machine_info,  # noqa: E402
-                     markdown_table, max_rss, median, quantile, settle, trim_heap, write_json)
+from _common import (RssSampler, SavedTensors, code_version, current_rss, human_bytes, log,  # noqa: E402
+                     machine_info, markdown_table, max_rss, median, optimizer_state_bytes, quantile, settle,
+                     trim_heap, write_json)
 from reference_switching import ReferenceSwitcher  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
 
-METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-stored", "switchlora-reference")
+METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference")
 # positions x = t / T at which the switcher's hooks are timed for the run average
 RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
@@ -96,16 +113,22 @@ RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------------
 # variants
 # ---------------------------------------------------------------------------------------------
-def method_config(method: str, rank: int, tokens: int) -> dl.SwitchLoRA | dl.LoRA | None:
+def method_config(method: str, rank: int, tokens: int, form: str = "auto") -> dl.SwitchLoRA | dl.LoRA | None:
     """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model."""
-    if method == "full-rank":
+    if method in ("full-rank", "galore"):
         return None
     cls = dl.LoRA if method == "lora" else dl.SwitchLoRA
-    kwargs: dict[str, Any] = {"rank": rank, "tokens_per_step": tokens}
+    kwargs: dict[str, Any] = {"rank": rank, "tokens_per_step": tokens, "form": form}
     if cls is dl.SwitchLoRA:
         # the reference keeps its own stored tables, so its config must not store a second copy
         kwargs["candidates"] = "stored" if method == "switchlora-stored" else "seeded"
     return cls(**kwargs)
+
+
+def variant_context(method: str) -> contextlib.AbstractContextManager:
+    """What the variant's forward and backward run under: ``switchlora-keep`` keeps every merged
+    ``W'`` for backward, as the weight-space form did before it recomputed them (dynlora_fx.ops)."""
+    return keep_merged_weights() if method == "switchlora-keep" else contextlib.nullcontext()
 
 
 @dataclass
@@ -185,6 +208,11 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
     return v
 
 
+def state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers: alive through the whole step, so not counted as saved for backward."""
+    return list(module.parameters()) + list(module.buffers())
+
+
 def _dynamo_graphs() -> int:
     try:
         from torch._dynamo.utils import counters
@@ -193,21 +221,25 @@ def _dynamo_graphs() -> int:
         return -1
 
 
-def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """One forward + backward + optimizer step (with the switcher's hooks); phase times in s."""
+def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+               probe: SavedTensors | None = None) -> dict[str, float]:
+    """One forward + backward + optimizer step (with the switcher's hooks); phase times in s.
+    ``probe`` (a SavedTensors) counts what the forward saves for backward."""
     x, y = batches[v.batch_i % len(batches)]
     v.batch_i += 1
     pre0, post0 = v.hook_s["pre"], v.hook_s["post"]
     graphs0 = _dynamo_graphs() if v.compiled else 0
     settle(device)
-    t0 = time.perf_counter()
-    out = v.module(x)
-    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
-    settle(device)
-    t1 = time.perf_counter()
-    loss.backward()
-    settle(device)
-    t2 = time.perf_counter()
+    with variant_context(v.method):
+        t0 = time.perf_counter()
+        with probe or contextlib.nullcontext():
+            out = v.module(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        settle(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        settle(device)
+        t2 = time.perf_counter()
     v.optimizer.step()
     settle(device)
     t3 = time.perf_counter()
@@ -256,15 +288,18 @@ def _build_and_warm_one(method: str, mode: str, cfg: LlamaConfig, batches: list,
         torch.cuda.reset_peak_memory_stats(device)
         cuda0 = torch.cuda.memory_allocated(device)
     rss0 = current_rss()
-    warm = args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0)
+    warm = max(2, args.warmup + (args.compiled_extra_warmup if mode == "compiled" else 0))
     with RssSampler() as sampler:
         t0 = time.perf_counter()
         v = build_variant(method, mode, cfg, batches[0][0], args, device)
         build_s = time.perf_counter() - t0
         first = train_step(v, batches, device)["total"]
-        for _ in range(warm - 1):
+        for _ in range(warm - 2):
             train_step(v, batches, device)
+        probe = SavedTensors(state_tensors(v.inner))
+        train_step(v, batches, device, probe)  # the last warm-up step: its forward's saved bytes
     trim_heap()
+    v.info.update(saved_bytes=probe.bytes, peak_bytes=v.info["state_bytes"] + probe.bytes)
     v.info.update(build_s=build_s, first_step_s=first, warmup_steps=warm, rss_before=rss0,
                   rss_delta=current_rss() - rss0, rss_peak_delta=sampler.peak - rss0)
     if device.type == "cuda":
@@ -370,11 +405,16 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         full_eager = by.get(("full-rank", "eager"))
         if full:
             r["step_vs_full"] = paired_ratio(r, full)
+            r["saved_vs_full"] = r["saved_bytes"] / full["saved_bytes"]
+            r["peak_vs_full"] = r["peak_bytes"] / full["peak_bytes"]
         if full_eager:
             r["state_vs_full"] = r["state_bytes"] / full_eager["state_bytes"]
         lora = by.get(("lora", r["mode"]))
         if lora:
             r["step_vs_lora"] = paired_ratio(r, lora)
+        kept = by.get(("switchlora-keep", r["mode"]))
+        if kept and r["method"] == "switchlora-seeded":  # the same variant but for recomputing W'
+            r["step_vs_kept"] = paired_ratio(r, kept)
         eager = by.get((r["method"], "eager"))
         if r["mode"] == "compiled" and eager:
             r["compiled_vs_eager"] = paired_ratio(r, eager)
@@ -416,14 +456,107 @@ def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.de
             rec["switch_ms_run_avg"] = run_avg[v.label]["switch_ms_run_avg"]
         records.append(rec)
     add_ratios(records)
+    del variants
+    trim_heap()
+    first = (batch, seq) == args.setting_list[0]
+    memory = run_memory_probe(cfg, batches[0], args, device) if args.memory_probe and (first or not args.quick) else []
     out = {"name": f"{batch}x{seq}", "batch": batch, "seq": seq, "tokens_per_step": tokens,
            "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden,
                      "max_seq_len": cfg.max_seq_len, "vocab": cfg.vocab,
                      "params": sum(p.numel() for p in build_model(cfg).parameters())},
-           "variants": records, "failed": failures, "max_rss_after": max_rss()}
-    del variants
-    trim_heap()
+           "variants": records, "memory": memory, "failed": failures, "max_rss_after": max_rss()}
     return out
+
+
+class CheckpointedBlock(nn.Module):
+    """A plain block run under torch.utils.checkpoint: full-rank's per-block activation checkpointing,
+    the counterpart of ``dl.transform(..., checkpoint=True)``."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
+# (variant, form) of the memory probe, each run without and with per-block checkpointing
+MEMORY_ROWS = (("full-rank", None), ("galore", None), ("lora", "auto"), ("switchlora-seeded", "auto"),
+               ("switchlora-seeded", "weight"), ("switchlora-seeded", "activation"), ("switchlora-keep", "weight"))
+
+
+def _galore_optimizer(model: nn.Module, low: list[torch.Tensor], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """galore-torch's AdamW at the adapters' rank on ``low``, the weights the pass adapts (as
+    benchmarks/pretrain.py does), torch's AdamW update on the rest."""
+    from pretrain import load_galore
+    GaLoreAdamW, _ = load_galore()
+    rest = [p for p in model.parameters() if not any(p is q for q in low)]
+    return GaLoreAdamW([{"params": low, "rank": args.rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+                        {"params": rest}], lr=args.lr, no_deprecation_warning=True)
+
+
+def probe_memory(method: str, form: str | None, checkpointed: bool, cfg: LlamaConfig, batch: tuple,
+                 targets: set[str], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One training step of a fresh variant (eager): the bytes its forward saves for backward and its
+    training state; peak = state + saved."""
+    x, y = batch
+    model = build_model(cfg).to(device)
+    config = method_config(method, args.rank, tokens=x.numel(), form=form or "auto")
+    module = model if config is None else dl.transform(model, (x,), config, checkpoint=checkpointed)
+    low = [p for n, p in model.named_parameters() if n in targets]  # GaLore's, named before wrapping
+    if config is None and checkpointed:
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = CheckpointedBlock(block)
+    probe = SavedTensors(state_tensors(module))
+    with variant_context(method):
+        with probe:
+            out = module(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+    rec: dict[str, Any] = {"method": method, "form": form, "checkpoint": checkpointed, "saved_bytes": probe.bytes}
+    if method == "galore":  # projector and moments exist once it has stepped
+        optimizer = _galore_optimizer(module, low, args)
+        optimizer.step()
+        rec["state_bytes"] = optimizer_state_bytes(module, optimizer)
+    elif config is None:
+        rec["state_bytes"] = full_rank_state_bytes(module)
+    else:
+        rec["state_bytes"] = training_state_bytes(module)
+        rec["adapter_forms"] = {f: sum(a.form == f for a in dl.adapters(module)) for f in ("activation", "weight")}
+    rec["peak_bytes"] = rec["state_bytes"] + rec["saved_bytes"]
+    return rec
+
+
+def run_memory_probe(cfg: LlamaConfig, batch: tuple, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Every MEMORY_ROWS variant without and with per-block checkpointing (the form before
+    recomputation only without: checkpointing recomputes every W' anyway)."""
+    x = batch[0]
+    t0 = time.perf_counter()
+    targets = {a.weight for a in dl.adapters(dl.transform(build_model(cfg), (x,), dl.LoRA(rank=args.rank)))}
+    rows = []
+    for checkpointed in (False, True):
+        for method, form in MEMORY_ROWS:
+            if checkpointed and method == "switchlora-keep":
+                continue
+            try:
+                rows.append(probe_memory(method, form, checkpointed, cfg, batch, targets, args, device))
+            except Exception as exc:  # e.g. galore-torch missing: the other rows still count
+                log(f"  memory probe {method}/{form}/checkpoint={checkpointed} FAILED: {type(exc).__name__}: {exc}")
+                rows.append({"method": method, "form": form, "checkpoint": checkpointed,
+                             "error": f"{type(exc).__name__}: {exc}"})
+            trim_heap()
+    full = {r["checkpoint"]: r for r in rows if r["method"] == "full-rank" and "error" not in r}
+    for r in rows:
+        if "error" in r or not full:
+            continue
+        same, plain = full.get(r["checkpoint"]), full.get(False)
+        if same:
+            r["saved_vs_full"] = r["saved_bytes"] / same["saved_bytes"]
+            r["peak_vs_full"] = r["peak_bytes"] / same["peak_bytes"]
+        if plain:
+            r["peak_vs_full_unchecked"] = r["peak_bytes"] / plain["peak_bytes"]
+    log(f"  memory probe: {len(rows)} variants in {time.perf_counter() - t0:.0f} s")
+    return rows
 
 
 def _crossover(tokens: list[int], ratios: list[float]) -> float | None:
@@ -436,13 +569,20 @@ def _crossover(tokens: list[int], ratios: list[float]) -> float | None:
     return None
 
 
-def predicted_crossover(rows: int, cols: int, rank: int) -> float | None:
-    """Tokens/step where the library's cost model (``adapter_costs``, linear in T) ranks the two
-    forms equal; None: the activation branch is cheaper at every T."""
-    act1, wt1 = adapter_costs(rows, cols, rank, 1)
-    act2, wt2 = adapter_costs(rows, cols, rank, 2)
-    slope = (act2 - act1) - (wt2 - wt1)  # d(activation - weight)/dT
-    return (wt1 - act1) / slope + 1 if slope > 0 else None
+def predicted_crossover(rows: int, cols: int, rank: int, limit: int = 1 << 24) -> int | None:
+    """The fewest tokens/step at which the library's own choice (``choose_form("auto", ...)``) is the
+    weight-space form; None: it keeps the activation branch up to ``limit``. Bisection: the choice
+    flips once as tokens grow (the branch's cost grows with T faster than the weight-space form's)."""
+    def weight(tokens: int) -> bool:
+        return choose_form("auto", True, rows, cols, rank, tokens) == "weight"
+
+    if not weight(limit):
+        return None
+    lo, hi = 0, limit  # weight(hi) holds; weight(lo) does not (or lo = 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if weight(mid) else (mid, hi)
+    return hi
 
 
 def time_op_forms(rows: int, cols: int, rank: int, tokens: int, rounds: int,
@@ -456,12 +596,16 @@ def time_op_forms(rows: int, cols: int, rank: int, tokens: int, rounds: int,
     x = torch.randn(tokens, cols, generator=g).to(device).requires_grad_()
     dy = torch.randn(tokens, rows, generator=g).to(device)
     s = 1.0 / rank
+    s_t = torch.tensor(s, device=device)
 
     def activation() -> None:  # s on the rank-r intermediate, as insert_adapters writes it
         (F.linear(x, W) + F.linear(F.linear(x, A) * s, B)).backward(dy)
 
-    def weight() -> None:  # as insert_adapters writes it: one addmm, s on the (m, r) factor
-        F.linear(x, torch.addmm(W, B * s, A)).backward(dy)
+    def weight() -> None:  # as insert_adapters writes it: one addmm, s on the (m, r) factor, recomputed
+        scope = enter_recompute_scope()  # in backward rather than kept (dynlora_fx.ops)
+        y = F.linear(x, merged_weight(W, B, A, s_t))
+        exit_recompute_scope(scope)
+        y.backward(dy)
 
     times: dict[str, list[float]] = {"activation": [], "weight": []}
     for i in range(rounds + 1):  # round 0 warms up
@@ -528,9 +672,11 @@ def _f(x: float | None, fmt: str = ".1f", suffix: str = "") -> str:
 
 def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     speed_h = ["variant", "mode", "step ms (p25–p75)", "fwd/bwd/opt ms", "switch ms (share)",
-               "switch ms run avg (share)", "tokens/s", "vs full-rank", "vs full, run avg", "compiled/eager"]
-    mem_h = ["variant", "mode", "adapters (form)", "state", "vs full-rank", "RSS Δ", "RSS peak Δ", "build s",
-             "compile s", "recompiles", "switched/adapter/step"]
+               "switch ms run avg (share)", "tokens/s", "vs full-rank", "vs full, run avg", "compiled/eager",
+               "vs W' kept"]
+    mem_h = ["variant", "mode", "adapters (form)", "state", "vs full-rank", "saved for backward", "vs full-rank",
+             "peak", "vs full-rank", "RSS Δ", "RSS peak Δ", "build s", "compile s", "recompiles",
+             "switched/adapter/step"]
     speed, mem = [], []
     for r in s["variants"]:
         has_sw = r["method"].startswith("switchlora")
@@ -544,18 +690,40 @@ def setting_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
             _f(r.get("step_vs_full"), ".2f", "x"),
             _f(r.get("step_vs_full_run_avg"), ".2f", "x") if has_sw else "–",
             _f(r.get("compiled_vs_eager"), ".2f", "x"),
+            _f(r.get("step_vs_kept"), ".2f", "x"),
         ])
         extra = r.get("reference_tables_bytes")
         state = human_bytes(r["state_bytes"]) + (f" (incl. {human_bytes(extra)} tables)" if extra else "")
         forms = r.get("adapter_forms") or {}
         mem.append([
             r["method"], r["mode"], " + ".join(f"{n} {f[:3]}" for f, n in forms.items()) or "–", state,
-            _f(r.get("state_vs_full"), ".2f", "x"),
+            _f(r.get("state_vs_full"), ".2f", "x"), human_bytes(r["saved_bytes"]), _f(r.get("saved_vs_full"), ".2f", "x"),
+            human_bytes(r["peak_bytes"]), _f(r.get("peak_vs_full"), ".2f", "x"),
             human_bytes(r["rss_delta"]), human_bytes(r["rss_peak_delta"]), f"{r['build_s']:.2f}",
             _f(r.get("compile_s"), ".1f"), str(r.get("recompiles_during_timing", "–")),
             _f(r.get("switched_per_adapter_step"), ".2f") if has_sw else "–",
         ])
     return speed_h, speed, mem_h, mem
+
+
+def memory_rows(s: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    h = ["variant", "form", "checkpointing", "state", "saved for backward", "saved vs full-rank", "peak",
+         "peak vs full-rank", "peak vs full-rank unchecked"]
+    rows = []
+    for r in s.get("memory", []):
+        if "error" in r:
+            rows.append([r["method"], r["form"] or "–", "per block" if r["checkpoint"] else "none", "failed: "
+                         + r["error"][:60], "", "", "", "", ""])
+            continue
+        forms = r.get("adapter_forms") or {}
+        form = r["form"] or "–"
+        if r["form"] == "auto":
+            form = "auto: " + " + ".join(f"{n} {f[:3]}" for f, n in forms.items() if n)
+        rows.append([r["method"], form, "per block" if r["checkpoint"] else "none", human_bytes(r["state_bytes"]),
+                     human_bytes(r["saved_bytes"]), _f(r.get("saved_vs_full"), ".2f", "x"),
+                     human_bytes(r["peak_bytes"]), _f(r.get("peak_vs_full"), ".2f", "x"),
+                     _f(r.get("peak_vs_full_unchecked"), ".2f", "x")])
+    return h, rows
 
 
 def form_rows(fs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -596,6 +764,10 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             print(markdown_table(sh, sr, ["l", "l"] + ["r"] * (len(sh) - 2)) + "\n")
             print(f"**{s['name']}, memory and compile**\n")
             print(markdown_table(mh, mr, ["l", "l"] + ["r"] * (len(mh) - 2)) + "\n")
+            if s.get("memory"):
+                ph, pr = memory_rows(s)
+                print(f"**{s['name']}, peak training memory = state + saved for backward (eager, one step)**\n")
+                print(markdown_table(ph, pr, ["l", "l", "l"] + ["r"] * (len(ph) - 3)) + "\n")
             for f in s.get("failed", []):
                 print(f"- **{f['label']} failed**: `{f['error']}`")
         if result.get("form_sweep"):
@@ -612,8 +784,12 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
     console.print(rate)
     for s in result["settings"]:
         sh, sr, mh, mr = setting_rows(s)
+        ph, pr = memory_rows(s)
         for title, h, rows in ((f"{s['name']} ({s['tokens_per_step']} tokens/step): speed", sh, sr),
-                               (f"{s['name']}: memory and compile", mh, mr)):
+                               (f"{s['name']}: memory and compile", mh, mr),
+                               (f"{s['name']}: peak training memory = state + saved for backward", ph, pr)):
+            if not rows:
+                continue
             t = Table(title=title, title_justify="left")
             for i, c in enumerate(h):
                 t.add_column(c, justify="left" if i < 2 else "right")
@@ -673,6 +849,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-steps", type=int, default=10_000, help="run length T for the run-averaged rate")
     p.add_argument("--run-avg-calls", type=int, help="switch-hook calls per run position (default 5; quick 1)")
     p.add_argument("--no-form-sweep", dest="form_sweep", action="store_false", help="skip the adapter form sweep")
+    p.add_argument("--no-memory-probe", dest="memory_probe", action="store_false",
+                   help="skip the per-setting peak-memory probe (forms, GaLore, per-block checkpointing)")
     p.add_argument("--form-tokens", type=_ints, help="tokens/step of the form sweep (default 256,1024,4096)")
     p.add_argument("--form-ranks", type=_ints, help="ranks of the form sweep (default 16,64)")
     p.add_argument("--form-rounds", type=int, help="timed rounds per op of the form sweep (default 9; quick 3)")

@@ -3,8 +3,8 @@
 Per op kind the form serves (matmul, einsum, linear, conv, grouped conv, LSTM weights, packed
 attention projection, stacked experts): outputs and gradients equal those of the form as it was
 (``W'`` built by plain autograd ops and fed to the model's own op), and what autograd saves for
-backward is no more than the plain model saves — while with recomputation switched off the same
-probe sees every ``W'``. Saved bytes are counted with ``saved_tensors_hooks``, distinct storages,
+backward is no more than the plain model saves — while with recomputation switched off
+(``keep_merged_weights``) the same probe sees every ``W'``. Saved bytes are counted with ``saved_tensors_hooks``, distinct storages,
 parameters and buffers left out.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import dynlora_fx as dl
-import dynlora_fx.ops as ops
+from dynlora_fx.ops import keep_merged_weights
 
 
 def saved_bytes(module, args, params):
@@ -34,13 +34,6 @@ def saved_bytes(module, args, params):
         out = module(*args)
     out.square().sum().backward()
     return sum(seen.values()), out
-
-
-class NoRecompute(dict):
-    """Stands in for ``ops._live``: registers nothing, so every ``W'`` is saved as before."""
-
-    def __setitem__(self, key, value):
-        pass
 
 
 class Products(nn.Module):
@@ -154,7 +147,7 @@ def test_weight_form_matches_the_merged_weight_form(transformed, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_weight_form_saves_no_merged_weight(transformed, case, monkeypatch):
+def test_weight_form_saves_no_merged_weight(transformed, case):
     model, gm, x = transformed[case]
     x = x.clone().requires_grad_()  # as inside a network: every op needs its input gradient, hence W'
     plain = model.train()
@@ -162,8 +155,8 @@ def test_weight_form_saves_no_merged_weight(transformed, case, monkeypatch):
     call = lambda m: (lambda x: main_output(m(x)))  # noqa: E731
     plain_bytes, _ = saved_bytes(call(plain), (x,), state(plain))
     ours, _ = saved_bytes(call(gm), (x,), state(gm))
-    monkeypatch.setattr(ops, "_live", NoRecompute())
-    kept, _ = saved_bytes(call(gm), (x,), state(gm))
+    with keep_merged_weights():
+        kept, _ = saved_bytes(call(gm), (x,), state(gm))
     merged = sum(ad.target.rows * ad.target.cols * 4 * max(1, len(ad.target.batch) and ad.target.batch[0])
                  for ad in gm.iter_adapters())
     # the plain model saves what the adapted one needs (x for the weight gradient, ...), nothing more
@@ -172,7 +165,7 @@ def test_weight_form_saves_no_merged_weight(transformed, case, monkeypatch):
     assert kept - ours >= merged, (kept, ours, merged)
 
 
-def test_compiled_weight_form_saves_no_merged_weight(monkeypatch):
+def test_compiled_weight_form_saves_no_merged_weight():
     """Under torch.compile the merge runs under checkpoint: AOTAutograd's partitioner recomputes it,
     fullgraph, without recompiling across steps. Without the checkpoint it keeps every W'."""
     model = Products()
@@ -189,8 +182,8 @@ def test_compiled_weight_form_saves_no_merged_weight(monkeypatch):
     plain_bytes, _ = compiled_bytes(model, list(model.parameters()))
     ours, out = compiled_bytes(gm, list(gm.parameters()))
     torch.testing.assert_close(out, gm(x))
-    monkeypatch.setattr(ops, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
-    kept, _ = compiled_bytes(gm, list(gm.parameters()))
+    with keep_merged_weights():
+        kept, _ = compiled_bytes(gm, list(gm.parameters()))
     assert ours <= plain_bytes + 64, (ours, plain_bytes)  # a few scalars at most
     assert kept >= plain_bytes + merged, (kept, plain_bytes, merged)
 
