@@ -2,6 +2,8 @@
 (dropout included), far fewer saved bytes, on both capture paths, eager and compiled."""
 
 import copy
+import os
+import sys
 import warnings
 
 import pytest
@@ -11,8 +13,17 @@ import torch.utils.checkpoint as torch_checkpoint
 
 import dynlora_fx as dl
 from dynlora_fx.errors import ConfigError, DynLoRAError
-from dynlora_fx.memory import saved_bytes
 from dynlora_fx.passes import find_regions, repeated_blocks
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from _common import SavedTensors  # noqa: E402
+
+
+def saved_bytes(forward, gm):
+    """Run ``forward()``; its result and the bytes it saved for backward, ``gm``'s own state left out."""
+    with SavedTensors(exclude=[*gm.parameters(), *gm.buffers()]) as saved:
+        out = forward()
+    return out, saved.bytes
 
 
 class Block(nn.Module):

@@ -1,0 +1,116 @@
+"""Low-precision switching: does the model's function drift as switches accumulate?
+
+The issue's setting: a 2-layer LLaMA-style model (d=64, rank 16, examples/tiny_llama.py),
+learning rate 0, so only switching changes anything. The output is compared with its value
+at step 0 after each of ``--steps``. Variants, all built in one process:
+
+- ``fp32``                 parameters in fp32 (the reference: float rounding only);
+- ``bf16``                 parameters in bf16; adapted W keep an exact fp32 master (the runtime);
+- ``bf16 naive (ablation)`` parameters in bf16, W rounded to bf16 at every switch: the runtime
+  with its master switched off, which is what it did before (benchmark-only patch);
+- ``fp32 + autocast bf16`` fp32 parameters, bf16 compute (the recommended recipe).
+
+Also reported: bytes per adapted weight entry that each variant holds for W.
+
+    python benchmarks/precision.py --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import dynlora_fx as dl  # noqa: E402
+import dynlora_fx.runtime.switcher as switcher_module  # noqa: E402
+from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
+from dynlora_fx.runtime.precision import RESIDUAL  # noqa: E402
+
+VARIANTS = ("fp32", "bf16", "bf16 naive (ablation)", "fp32 + autocast bf16")
+
+
+@contextlib.contextmanager
+def naive_bf16() -> Iterator[None]:
+    """The switcher without an fp32 master: W absorbs each switch in its own dtype (the old runtime)."""
+    saved = switcher_module.master_dtype, switcher_module.residual_of
+    switcher_module.master_dtype = lambda dtype: dtype
+    switcher_module.residual_of = lambda adapter, weight, create=True: None
+    try:
+        yield
+    finally:
+        switcher_module.master_dtype, switcher_module.residual_of = saved
+
+
+def load_tiny_llama() -> Any:
+    spec = importlib.util.spec_from_file_location("dynlora_bench_tiny_llama", ROOT / "examples" / "tiny_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = tl.TinyLlama(tl.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=4))
+    if variant.startswith("bf16"):
+        model = model.to(torch.bfloat16)
+    gm = dl.transform(model, (ids,), dl.SwitchLoRA(rank=args.rank)).eval()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in variant)
+    with torch.no_grad(), amp:
+        start = gm(ids).float()
+    opt = dl.AdamW(gm.parameters(), lr=0.0)
+    sw = dl.attach(gm, opt, total_steps=max(args.steps))
+    drift: dict[int, float] = {}
+    with naive_bf16() if "naive" in variant else contextlib.nullcontext():
+        for step in range(1, max(args.steps) + 1):
+            opt.step()
+            if step in args.steps:
+                with torch.no_grad(), amp:
+                    out = gm(ids).float()
+                drift[step] = ((out - start).norm() / start.norm()).item()
+    entries = sum(gm.model.get_parameter(i.weight).numel() for i in dl.adapters(gm))
+    w_bytes = sum(gm.model.get_parameter(i.weight).numel() * gm.model.get_parameter(i.weight).element_size()
+                  for i in dl.adapters(gm))
+    if "naive" not in variant:
+        w_bytes += sum(b.numel() * b.element_size() for n, b in gm.named_buffers() if n.endswith(RESIDUAL))
+    return {"drift": drift, "switched": sw.num_switched(), "w_bytes_per_entry": w_bytes / entries}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="20,200,2000", help="comma-separated steps at which to measure")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/precision.json")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    args.steps = sorted({int(s) for s in args.steps.split(",")})
+    torch.set_num_threads(args.threads)
+    tl = load_tiny_llama()
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for variant in VARIANTS:
+        log(f"{variant}: {max(args.steps)} steps")
+        results[variant] = run(variant, args, tl, ids)
+    report = {"benchmark": "precision", "args": vars(args), "machine": machine_info(), "code": code_version(ROOT),
+              "results": results}
+    write_json(args.out, report)
+    headers = ["variant", *[f"drift @ {s} steps" for s in args.steps], "W bytes / entry"]
+    pct = lambda x: f"{x:.2%}" if x >= 1e-4 else f"{100 * x:.0e}%"  # noqa: E731
+    rows = [[v, *[pct(r['drift'][s]) for s in args.steps], f"{r['w_bytes_per_entry']:.0f}"]
+            for v, r in results.items()]
+    print(f"{args.layers}-layer LLaMA-style d={args.dim}, rank {args.rank}, lr 0: output change from step 0")
+    print(markdown_table(headers, rows) if args.markdown else "\n".join("  ".join(map(str, r)) for r in [headers, *rows]))
+    return report
+
+
+if __name__ == "__main__":
+    main()
