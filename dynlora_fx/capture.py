@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
@@ -319,6 +320,33 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad)
 
 
+def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...]) -> None:
+    """Raise export's own kind of guard failure when an input's size differs where the graph
+    was specialised to the example's size: ``(input index, dim, size, input name)`` per dim."""
+    for i, d, size, name in dims:
+        if inputs[i].shape[d] != size:
+            raise AssertionError(f"Guard failed: {name}.size()[{d}] == {size}")
+
+
+def _guard_static_dims(graph: fx.Graph) -> None:
+    """torch.export turns a dimension static when the code pins it (an int in a view, a branch on
+    it, a 0/1 specialisation) but its graph module does not check static sizes at call time: an
+    input of another size runs and can silently broadcast against a baked-in shape. Check them
+    after export's own guards, with the message its guards use."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    dims = []
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims += [(i, d, int(size), node.name) for d, size in enumerate(val.shape) if is_concrete_int(size)]
+    if not dims:
+        return
+    anchor = next((n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), placeholders[-1])
+    with graph.inserting_after(anchor):
+        graph.call_function(check_static_dims, tuple(placeholders), {"dims": tuple(dims)})
+    graph.lint()
+
+
 def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict
                 ) -> tuple[dict[str, fx.GraphModule] | None, str]:
     graphs: dict[str, fx.GraphModule] = {}
@@ -344,6 +372,7 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
                 return None, f"torch.export failed: {_first_line(errors[-1])}"
             src = ep.module()
             graph = src.graph
+            _guard_static_dims(graph)
             extra: dict[str, nn.Module] = {}
             _retarget(graph, src, model, constants, extra)
             graphs[mode] = graph_module(graph, {"model": model, "constants": constants, **extra})

@@ -475,9 +475,9 @@ class FuzzModel(nn.Module):
         return out
 
 
-def make_inputs(spec: dict[str, Any], batch: int, seed: int = 0) -> tuple:
+def make_inputs(spec: dict[str, Any], batch: int, seed: int = 0, time: int | None = None) -> tuple:
     g = torch.Generator().manual_seed(seed)
-    d, t = spec["d"], spec["time"]
+    d, t = spec["d"], time or spec["time"]
     dtype = getattr(torch, spec["dtype"])
     if spec["input"] == "ids":
         return (torch.randint(0, 11, (batch, t), generator=g),)
@@ -590,9 +590,29 @@ def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             v.copy_(saved[k])
 
 
+_NUMERIC = ("equal", "grads", "merge", "switch", "batch")
+
+
 def check_spec(spec: dict[str, Any], *, batches: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
     """Run every invariant on one spec. Returns ``{"outcome", "capture", "failures", "notes"}``:
-    outcome "ok", "refused" (a DynLoRAError that is acceptable) or "fail"."""
+    outcome "ok", "refused" (a DynLoRAError that is acceptable) or "fail".
+
+    A float32 model whose only failures are numeric mismatches is checked again in float64:
+    a real mismatch stays (hooks dropped: 40% errors), ill-conditioning does not (a batch norm
+    over 2 samples turns rounding of 1e-7 into gradient differences of 1e-4); the note says so."""
+    res = _check_once(spec, batches)
+    numeric = all(f["check"] in _NUMERIC and "Error" not in f["detail"] and "raised" not in f["detail"]
+                  and "structure" not in f["detail"] for f in res["failures"])
+    if res["outcome"] == "fail" and numeric and spec["dtype"] == "float32":
+        again = _check_once({**spec, "dtype": "float64"}, batches)
+        if again["outcome"] != "fail":
+            first = res["failures"][0]
+            res["notes"].append(f"float32 rounding only (holds in float64): [{first['check']}] {first['detail'][:200]}")
+            res = {**res, "outcome": "ok", "failures": []}
+    return res
+
+
+def _check_once(spec: dict[str, Any], batches: tuple[int, ...]) -> dict[str, Any]:
     model, args = build(spec)
     config = make_config(spec)
     before = _snapshot(model)
@@ -695,27 +715,27 @@ def check_spec(spec: dict[str, Any], *, batches: tuple[int, ...] = (1, 5)) -> di
         if reason.startswith("rank") and "exceeds" not in reason:
             fail("coverage", f"{weight}: unexpected reason {reason!r}")
 
-    # other batch sizes, wherever the model accepts them
-    if spec["input"] != "img" or True:
-        for bs in batches:
-            if bs == spec["batch"]:
-                continue
-            other = make_inputs(spec, bs, seed=1)
-            try:
-                want = _run(copy.deepcopy(pristine), other, "eval")
-            except Exception:  # noqa: BLE001 - the model itself does not take this batch size
-                continue
-            try:
-                got = _run(gm, other, "eval")
-            except dl.DynLoRAError as exc:
-                notes.append(f"batch {bs} refused: {exc}"[:300])
-                continue
-            except Exception as exc:  # noqa: BLE001
-                fail("batch", f"batch {bs}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            what = _diff(want, got)
-            if what:
-                fail("batch", f"batch {bs}, eval mode: {what}")
+    # other batch sizes (and sequence lengths), wherever the model accepts them
+    sizes = [(bs, None) for bs in batches if bs != spec["batch"]]
+    if spec["input"] in ("seq", "ids"):
+        sizes.append((spec["batch"], spec["time"] + 2))
+    for bs, length in sizes:
+        other = make_inputs(spec, bs, seed=1, time=length)
+        try:
+            want = _run(copy.deepcopy(pristine), other, "eval")
+        except Exception:  # noqa: BLE001 - the model itself does not take this batch size
+            continue
+        try:
+            got = _run(gm, other, "eval")
+        except dl.DynLoRAError as exc:
+            notes.append(f"batch {bs} length {length} refused: {exc}"[:300])
+            continue
+        except Exception as exc:  # noqa: BLE001
+            fail("batch", f"batch {bs} length {length}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        what = _diff(want, got)
+        if what:
+            fail("batch", f"batch {bs} length {length}, eval mode: {what}")
 
     # merge equals the transformed module once the adapters have moved
     g = torch.Generator().manual_seed(spec["seed"])
@@ -743,8 +763,8 @@ def check_spec(spec: dict[str, Any], *, batches: tuple[int, ...] = (1, 5)) -> di
             with torch.no_grad():
                 before_out = _run(gm, args, "eval")
             opt = dl.AdamW(gm.parameters(), lr=0.0)
-            sw = dl.attach(gm, opt, total_steps=8)
-            for _ in range(3):
+            sw = dl.attach(gm, opt, total_steps=1000)  # rate ~1: r/2 switches per step and side
+            for _ in range(4):
                 _loss(_run(gm, args, "train")).backward()
                 opt.step()
                 opt.zero_grad()
