@@ -109,6 +109,8 @@ def test_wrapped_model_attributes_signature_and_merge_and_unload(template, tmp_p
     for call in (lambda: gm.save_pretrained(tmp_path / "x"), lambda: gm.generate(ids)):
         with pytest.raises(dl.DynLoRAError, match=r"merge_and_unload\(gm\)"):
             call()
+    with pytest.raises(dl.DynLoRAError, match=r"before dl\.transform .* checkpoint=True"):
+        gm.gradient_checkpointing_enable()  # forwarded, it would set a flag the captured graph never reads
     with pytest.raises(dl.DynLoRAError, match=r"attention_mask was not among the inputs captured by dl.transform "
                                               r"\(input_ids, labels\).*example_kwargs"):
         gm(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
