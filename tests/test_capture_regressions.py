@@ -341,3 +341,15 @@ def test_other_batch_sizes_work_or_refuse_clearly(cls):
         torch.testing.assert_close(got, run(copy.deepcopy(model), other, "eval"), rtol=1e-5, atol=1e-6)
     with pytest.raises(dl.DynLoRAError, match=r"x.size\(\)\[0\] == 2"):
         run(gm, torch.randn(1, x.shape[1]), "eval")
+
+
+def test_functionalize_keeps_hooked_layers_opaque():
+    from dynlora_fx.passes import functionalize_leaves
+
+    model = Hooked()
+    gm = fx.symbolic_trace(model)  # plain fx keeps Linear/Conv as call_module, hooks run at call time
+    x = torch.randn(3, 6)
+    want = model(x)
+    functionalize_leaves(gm)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc", "conv"]
+    torch.testing.assert_close(gm(x), want)
