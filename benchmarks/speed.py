@@ -71,17 +71,23 @@ compiler memory), so read them as rough per-variant costs.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import math
 import os
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+
+# Sleep, don't spin, in OpenMP barriers (as benchmarks/pretrain.py): on a shared, oversubscribed
+# 2-core machine spinning threads that wait for a descheduled sibling slow steps many-fold and
+# make them erratic. Must be set before torch loads its OpenMP runtime; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
