@@ -70,11 +70,26 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_GROUPS = (("blocks", lambda f: f in fm.BLOCKS), ("raw parameter ops", lambda f: f.startswith("raw:")),
+           ("layer classes", lambda f: (":" in f and f.split(":")[0] in ("rnn", "cell", "norm", "stem")) or f in
+            ("conv_transpose", "grouped_conv", "tied_embedding_head")),
+           ("inputs", lambda f: f.startswith("input:")), ("outputs", lambda f: f.startswith("output:")),
+           ("dtype", lambda f: f.startswith("float")), ("method", lambda f: f.startswith("method:")),
+           ("form", lambda f: f.startswith("form:")), ("rank", lambda f: f.startswith("rank:")))
+
+
 def table(summary: dict[str, Any]) -> str:
-    groups = collections.OrderedDict()
-    for feat, c in summary["by_feature"].items():
-        groups[feat] = [feat, c.get("tried", 0), c.get("ok", 0), c.get("refused", 0), c.get("fail", 0)]
-    return markdown_table(["feature", "models", "ok", "refused", "failed"], list(groups.values()))
+    """Models tried per feature, grouped; a feature's failures in parentheses when there are any."""
+    rows = []
+    for group, member in _GROUPS:
+        cells = []
+        for feat, c in summary["by_feature"].items():
+            if member(feat):
+                name = feat.split(":", 1)[1] if ":" in feat and group != "layer classes" else feat
+                failed = f" ({c['fail']} failed)" if c.get("fail") else ""
+                cells.append(f"{name} {c.get('tried', 0)}{failed}")
+        rows.append([group, ", ".join(cells)])
+    return markdown_table(["feature", "models tried"], rows, align=["l", "l"])
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dynlora_fx.capture as capture_mod
+import dynlora_fx.passes.functionalize as functionalize_mod
 import fuzz_models as fm
 
 CI_SEEDS = range(120)  # ~1 s a model on 2 cores; every block kind and raw op appears (checked below)
@@ -64,13 +65,18 @@ def _spec(blocks, **over):
     return {**base, **over}
 
 
+def _drop_hook_guards(monkeypatch):
+    monkeypatch.setattr(capture_mod, "_FORWARD_HOOKS", ())
+    monkeypatch.setattr(capture_mod, "_verify", lambda *a, **k: "")
+    monkeypatch.setattr(functionalize_mod, "_has_forward_hooks", lambda mod: False)
+
+
 def test_fuzzer_catches_dropped_hooks(monkeypatch):
-    """The checker must fail when capture loses module semantics: drop the hook guard and the
+    """The checker must fail when capture loses module semantics: drop the hook guards and the
     verification, as before issue 13, and the hooked model must be reported."""
     spec = _spec([{"kind": "hook", "hooks": "both", "conv": False}])
     assert fm.check_spec(spec)["outcome"] == "ok"
-    monkeypatch.setattr(capture_mod, "_FORWARD_HOOKS", ())
-    monkeypatch.setattr(capture_mod, "_verify", lambda *a, **k: "")
+    _drop_hook_guards(monkeypatch)
     res = fm.check_spec(spec)
     assert res["outcome"] == "fail" and {f["check"] for f in res["failures"]} >= {"equal"}
 
@@ -88,8 +94,7 @@ def test_fuzzer_catches_dropped_no_grad(monkeypatch):
 
 
 def test_shrink_reduces_a_failing_spec(monkeypatch):
-    monkeypatch.setattr(capture_mod, "_FORWARD_HOOKS", ())
-    monkeypatch.setattr(capture_mod, "_verify", lambda *a, **k: "")
+    _drop_hook_guards(monkeypatch)
     spec = _spec([{"kind": "linear", "bias": True, "act": "relu"},
                   {"kind": "hook", "hooks": "forward", "conv": False},
                   {"kind": "norm", "cls": "LayerNorm"}], output="dict", dtype="float64")

@@ -15,6 +15,10 @@ __all__ = ["functionalize_leaves"]
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
+def _has_forward_hooks(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
 def functionalize_leaves(gm: fx.GraphModule) -> fx.GraphModule:
     """Mutates and returns ``gm``: each ``call_module`` on an exact nn.Linear/Conv{1,2,3}d without
     forward hooks becomes ``F.linear``/``F.conv*d`` over ``get_attr`` reads of its weight and bias."""
@@ -25,8 +29,8 @@ def functionalize_leaves(gm: fx.GraphModule) -> fx.GraphModule:
         mod = gm.get_submodule(node.target)
         if type(mod) is not nn.Linear and type(mod) not in _CONV_FN:
             continue
-        if mod._forward_hooks or mod._forward_pre_hooks:  # a functional call would drop them: keep it opaque
-            continue  # (capture sends hooked models to torch.export, so this is a second line of defence)
+        if _has_forward_hooks(mod):  # a functional call would drop them: keep it opaque (capture sends
+            continue  # hooked models to torch.export, so this is a second line of defence)
         (x,) = node.args[:1] or (node.kwargs.get("input"),)
         with graph.inserting_before(node):
             w = graph.get_attr(f"{node.target}.weight")
