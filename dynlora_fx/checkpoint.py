@@ -71,7 +71,8 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_bundle(out_dir: str | os.PathLike, gm: nn.Module, meta: dict[str, Any]) -> list[str]:
-    """The transformed module's generated code, weights (safetensors) and config JSON."""
+    """The transformed module's generated code, weights (safetensors) and config JSON. The weights are
+    ``gm.state_dict()`` as it is (switching state included): safetensors takes it, see DynLoRAModule."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -85,23 +86,8 @@ def write_bundle(out_dir: str | os.PathLike, gm: nn.Module, meta: dict[str, Any]
         (out / f"graph_{mode}.py").write_text(g.code)
         written.append(str(out / f"graph_{mode}.py"))
     atomic_write(out / "weights.safetensors",
-                 lambda tmp: save_file(_safetensors_state(gm), str(tmp), metadata={"format": "pt"}))
+                 lambda tmp: save_file(gm.state_dict(), str(tmp), metadata={"format": "pt"}))
     written.append(str(out / "weights.safetensors"))
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     written.append(str(out / "config.json"))
     return written
-
-
-def _safetensors_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` as safetensors takes it: a tied tensor once (``safetensors.torch.load_model``
-    restores its twins), and views into the runtime's stacked storage (adapter factors, bookkeeping)
-    as compact copies."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    for name, t in module.state_dict().items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
-    return out
