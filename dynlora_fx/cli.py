@@ -28,6 +28,7 @@ from .compile import compile as dl_compile
 from .config import AdapterConfig, LoRA, ReLoRA, SwitchLoRA
 from .errors import DynLoRAError
 from .module import DynLoRAModule, adapters
+from .training import PRECISIONS, cast_inputs, cast_model
 
 __all__ = ["main", "run", "build_parser", "load_model_file"]
 
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--baseline", action="store_true", help="also train the model full-rank, same steps and batches")
     t.add_argument("--compile", action="store_true", help="train the torch.compile'd module")
+    t.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16-autocast: fp32 parameters, bf16 compute (recommended for low precision); "
+                        "bf16: parameters in bf16, adapted weights keeping an exact fp32 master")
+    t.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto",
+                   help="activation checkpointing per block: auto follows the model's own, on: every repeated block")
     t.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     o = p.add_argument_group("output")
@@ -207,10 +213,15 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     example = _call(user, "example_inputs", path)
     kwargs = _call(user, "example_kwargs", path) if hasattr(user, "example_kwargs") else {}
     example = example if isinstance(example, tuple) else (example,)
+    cast_model(model, args.precision)
+    example, kwargs = cast_inputs((example, kwargs), args.precision)
     err.print(f"[dim]capturing {type(model).__name__} and inserting adapters…[/]")
-    gm = transform(model, example, config, example_kwargs=kwargs)
+    gm = transform(model, example, config, example_kwargs=kwargs,
+                   checkpoint={"auto": "auto", "on": True, "off": False}[args.checkpoint])
     report = build_report(model, gm)
     report["transform_seconds"] = round(time.perf_counter() - t0, 3)
+    report["precision"], report["checkpointed"] = args.precision, list(gm.checkpointed)
+    _print_plan(out, report)  # the plan first: training may take a while
     if args.dry_run:
         _print_report(out, report, args.json)
         return 0
@@ -219,7 +230,8 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     gm.eval()
     with torch.no_grad():
         error = _rel_error(gm(*example, **kwargs), model(*example, **kwargs))
-    report["equivalence"] = {"max_rel_error": error, "ok": error < 1e-4}
+    # bf16 parameters: W is the bf16 rounding of W - s·B·A, so the outputs agree to bf16's precision
+    report["equivalence"] = {"max_rel_error": error, "ok": error < (5e-2 if args.precision == "bf16" else 1e-4)}
 
     code = 0
     if args.train:
@@ -229,7 +241,8 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
 
         err.print("[dim]merging and exporting ONNX…[/]")
         rep = export_onnx(gm, example, args.onnx, example_kwargs=kwargs)
-        report["onnx"] = {"path": rep.path, "dynamic_batch": rep.dynamic_batch, "max_rel_error": rep.max_rel_error}
+        report["onnx"] = {"path": rep.path, "dynamic_batch": rep.dynamic_batch, "max_rel_error": rep.max_rel_error,
+                          "unchecked": rep.unchecked}
     if args.out and code == 0:
         from .checkpoint import write_bundle
 
@@ -243,11 +256,16 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     return code
 
 
-def _print_report(out: Any, report: dict[str, Any], json_path: str | None) -> None:
-    from .console import plan_tables, summary_table
+def _print_plan(out: Any, report: dict[str, Any]) -> None:
+    from .console import plan_tables
 
     for table in plan_tables(report):
         out.print(table)
+
+
+def _print_report(out: Any, report: dict[str, Any], json_path: str | None) -> None:
+    from .console import summary_table
+
     out.print(summary_table(report))
     _write_json(json_path, report)
 
@@ -277,7 +295,7 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
             raise DynLoRAError(path, f"--train needs {fn}() in the model file",
                                "define batches() (an iterator of batches) and loss_fn(output, batch)")
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
-                             warmup=min(args.warmup, max(1, args.train // 10)))
+                             warmup=min(args.warmup, max(1, args.train // 10)), precision=args.precision)
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
     runs = {"adapted": Trainer(dl_compile(gm) if args.compile else gm, gm.dynlora_config, settings, user.loss_fn,
                                inputs_of)}
@@ -307,16 +325,18 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         save_checkpoint(args.out, state)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} tok/s"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} {task.fields[unit]}/s"),
                TimeRemainingColumn())
     try:
         with Progress(*columns, console=err, transient=False) as progress:
             for name, trainer in runs.items():
                 label = f"{gm.dynlora_config.method} r={args.rank}" if name == "adapted" else "full-rank"
-                task = progress.add_task(label, total=args.train, completed=trainer.step, loss=float("nan"), tps=0.0)
+                task = progress.add_task(label, total=args.train, completed=trainer.step, loss=float("nan"), tps=0.0,
+                                         unit=trainer.unit)
                 while trainer.step < args.train:
                     loss = trainer.train_step(next(streams[name]))
-                    progress.update(task, advance=1, loss=loss, tps=trainer.tokens / max(trainer.seconds, 1e-9))
+                    progress.update(task, advance=1, loss=loss, tps=trainer.tokens / max(trainer.seconds, 1e-9),
+                                    unit=trainer.unit)
                     if name == "adapted" and trainer.step % args.checkpoint_every == 0:
                         checkpoint()
             checkpoint()
@@ -326,7 +346,8 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         return 130
     adapted = runs["adapted"]
     training = {"steps": adapted.step, "final_loss": adapted.losses[-1] if adapted.losses else float("nan"),
-                "tokens_per_s": adapted.tokens / max(adapted.seconds, 1e-9), "losses": adapted.losses,
+                "tokens_per_s": adapted.tokens / max(adapted.seconds, 1e-9), "throughput_unit": adapted.unit,
+                "losses": adapted.losses,
                 "seconds": adapted.seconds}
     val = _call(user, "val_batches", path) if callable(getattr(user, "val_batches", None)) else None
     if val is not None:

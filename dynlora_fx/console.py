@@ -41,6 +41,10 @@ def summary_table(report: dict[str, Any]) -> Table:
     t.add_column("value", justify="right")
     p, m = report["params"], report["memory"]
     t.add_row("capture", report["capture"])
+    if "precision" in report:
+        blocks = report.get("checkpointed") or []
+        t.add_row("precision / activation checkpointing",
+                  f"{report['precision']} / {f'{len(blocks)} blocks' if blocks else 'off'}")
     t.add_row("parameters (total)", f"{p['total']:,}")
     t.add_row("trainable / frozen", f"{p['trainable']:,} / {p['frozen']:,}")
     t.add_row("training state (params+grads+AdamW)",
@@ -56,12 +60,16 @@ def summary_table(report: dict[str, Any]) -> Table:
         if tr.get("val_loss") is not None:
             t.add_row("validation loss", f"{tr['val_loss']:.4f}")
         if tr.get("baseline_val_loss") is not None:
-            t.add_row("validation loss, full-rank baseline", f"{tr['baseline_val_loss']:.4f} "
-                      f"(ratio {tr['val_loss'] / tr['baseline_val_loss']:.3f})")
-        t.add_row("tokens/s", f"{tr['tokens_per_s']:,.0f}")
+            base = tr["baseline_val_loss"]
+            # a ratio of two near-zero losses says nothing about the methods: give the difference
+            versus = (f"ratio {tr['val_loss'] / base:.3f}" if base > 1e-2 else
+                      f"difference {tr['val_loss'] - base:+.1e}; both near zero, the task is too easy to compare")
+            t.add_row("validation loss, full-rank baseline", f"{base:.4f} ({versus})")
+        unit = tr.get("throughput_unit", "tok")
+        t.add_row("tokens/s" if unit == "tok" else f"{unit}/s", f"{tr['tokens_per_s']:,.0f}")
     if report.get("onnx"):
         o = report["onnx"]
-        err = "n/a" if o["max_rel_error"] is None else f"{o['max_rel_error']:.2e}"
+        err = o.get("unchecked") or "n/a" if o["max_rel_error"] is None else f"{o['max_rel_error']:.2e}"
         t.add_row("ONNX", f"{o['path']} (dynamic batch: {o['dynamic_batch']}, rel. error {err})")
     return t
 

@@ -55,7 +55,8 @@ def _quiet_exporter() -> Iterator[None]:
 class OnnxReport:
     path: str
     dynamic_batch: bool
-    max_rel_error: float | None  # onnxruntime vs merged model; None only if onnxruntime is missing
+    max_rel_error: float | None  # onnxruntime vs merged model; None when it could not run (see ``unchecked``)
+    unchecked: str | None = None  # why onnxruntime did not compare, if it did not
 
 
 def _batch_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -98,8 +99,13 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                            "check that the model's ops have ONNX equivalents (see torch.onnx's report)")
     atomic_write(Path(path), lambda tmp: program.save(str(tmp)))
     onnx.checker.check_model(path)
-    err = _compare_with_onnxruntime(path, merged, args, kwargs) if check else None
-    return OnnxReport(path, dynamic, err)
+    if not check:
+        return OnnxReport(path, dynamic, None, "not asked for (check=False)")
+    if any(p.dtype == torch.bfloat16 for p in merged.parameters()):  # nor can numpy hold the inputs
+        return OnnxReport(path, dynamic, None, "onnxruntime has no CPU kernels for bfloat16; the file passed "
+                          "onnx.checker only")
+    err = _compare_with_onnxruntime(path, merged, args, kwargs)
+    return OnnxReport(path, dynamic, err, None if err is not None else "onnxruntime is not installed")
 
 
 def _compare_with_onnxruntime(path: str, merged: nn.Module, args: tuple, kwargs: dict) -> float | None:

@@ -14,13 +14,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError
 from .runtime import AdamW, attach
 from .runtime.precision import RESIDUAL
 
-__all__ = ["TrainSettings", "PRECISIONS", "cast_model", "autocast", "cosine_multiplier", "make_optimizer", "Trainer",
+__all__ = ["TrainSettings", "PRECISIONS", "cast_model", "cast_inputs", "autocast", "cosine_multiplier", "make_optimizer", "Trainer",
            "default_model_inputs"]
 
 
@@ -49,6 +50,15 @@ PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 def cast_model(model: nn.Module, precision: str) -> nn.Module:
     """``model`` (in place) in the parameter dtype ``precision`` asks for."""
     return model.to(torch.bfloat16) if precision == "bf16" else model
+
+
+def cast_inputs(inputs: Any, precision: str) -> Any:
+    """``inputs`` (any nesting) with floating-point tensors in bf16 for ``precision="bf16"``: a bf16 model
+    takes bf16 activations; token ids, masks and everything under other precisions stay as they are."""
+    if precision != "bf16":
+        return inputs
+    return tree_map(lambda t: t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                    inputs)
 
 
 def autocast(module: nn.Module, precision: str) -> contextlib.AbstractContextManager:
@@ -120,13 +130,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: cosine_multiplier(t, s.steps, s.warmup, s.min_lr_ratio))
         self.switcher = attach(self.module, self.optimizer, s.steps) if self.config is not None else None
-        self.tokens = 0
+        self.tokens = 0  # items seen, in ``unit``: tokens for integer (token id) inputs, else samples
+        self.unit = "tok"
         self.seconds = 0.0
 
     def train_step(self, batch: Any) -> float:
         t0 = time.perf_counter()
         self.module.train()
-        inputs = self.model_inputs(batch)
+        inputs = cast_inputs(self.model_inputs(batch), self.settings.precision)
         with autocast(self.module, self.settings.precision):
             out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
             loss = self.loss_fn(out, batch)
@@ -141,7 +152,8 @@ class Trainer:
         self.losses.append(value)
         self.seconds += time.perf_counter() - t0
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
-        self.tokens += first.numel() if isinstance(first, torch.Tensor) else 1
+        self.unit, items = _items(first)
+        self.tokens += items
         return value
 
     @torch.no_grad()
@@ -149,7 +161,7 @@ class Trainer:
         self.module.eval()
         total, n = 0.0, 0
         for batch in batches:
-            inputs = self.model_inputs(batch)
+            inputs = cast_inputs(self.model_inputs(batch), self.settings.precision)
             with autocast(self.module, self.settings.precision):
                 out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
                 total += self.loss_fn(out, batch).item()
@@ -167,6 +179,16 @@ class Trainer:
         self.step, self.losses = state["step"], list(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _items(first_input: Any) -> tuple[str, int]:
+    """What a batch counts as: its tokens when its first input holds token ids (integers), else
+    its samples (the leading dim of an image or feature batch)."""
+    if not isinstance(first_input, torch.Tensor):
+        return "samples", 1
+    if not first_input.is_floating_point():
+        return "tok", first_input.numel()
+    return "samples", first_input.shape[0] if first_input.dim() else 1
 
 
 def skip(batches: Iterator[Any], n: int) -> Iterator[Any]:

@@ -197,3 +197,16 @@ def test_output_folders_are_created_and_bad_ones_fail_before_work(mlp_file, tmp_
     assert code == 0 and (tmp_path / "new" / "deeper" / "r.json").exists(), err
     code, out, err = cli(mlp_file, "--rank", "2", "--onnx", "/proc/dynlora/x.onnx")
     assert code == 1 and "--onnx" in err and "cannot write there" in err and "capturing" not in err
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16"])
+def test_precision_and_checkpoint_options(mlp_file, tmp_path, precision):
+    report_path = tmp_path / "r.json"
+    code, out, err = cli(mlp_file, "--train", 4, "--baseline", "--precision", precision, "--checkpoint", "on",
+                         "--json", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["precision"] == precision and report["equivalence"]["ok"]
+    assert report["checkpointed"] == ["0", "2"]  # a Sequential of Linear, ReLU, Linear: the Linears repeat
+    assert report["training"]["throughput_unit"] == "samples" and "samples/s" in out
+    assert out.index("Adapted weights") < out.index("Summary")  # the plan comes before training
