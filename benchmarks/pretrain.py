@@ -78,7 +78,6 @@ import copy
 import dataclasses
 import importlib
 import importlib.util
-import json
 import math
 import platform
 import sys
@@ -91,10 +90,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-import dynlora_fx as dl
-from dynlora_fx import corpus as _corpus
-from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, stored_candidate_bytes, \
-    training_state_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dynlora_fx as dl  # noqa: E402
+from _common import markdown_table, median, write_json  # noqa: E402
+from dynlora_fx import corpus as _corpus  # noqa: E402
+from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, \
+    stored_candidate_bytes, training_state_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "dynlora-fx/benchmarks/pretrain/v1"
@@ -334,7 +335,7 @@ class Bench:
             "seed": seed, "steps": len(times), "diverged": diverged, "curve": points,
             "final_val_loss": _num(final), "final_val_bpb": _num(final / LN2),
             "train_loss_last10": _num(sum(tr.losses[-10:]) / max(1, len(tr.losses[-10:]))),
-            "mean_step_s": sum(timed) / max(1, len(timed)), "median_step_s": _median(timed),
+            "mean_step_s": sum(timed) / max(1, len(timed)), "median_step_s": median(timed),
             "wall_s": time.perf_counter() - t_start, "loadavg_1min": [load0, _loadavg()],
         }
         out.update(self.state_bytes(method, module, tr))
@@ -365,11 +366,6 @@ class Bench:
 
 def _num(v: float) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if s else float("nan")
 
 
 def _loadavg() -> float | None:
@@ -598,9 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["wall_s"] = round(time.perf_counter() - t_all, 1)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     if args.plot:
         plot(report, Path(args.plot))
     summary(report, markdown=args.markdown)
@@ -638,10 +632,7 @@ def summary(report: dict[str, Any], markdown: bool = False) -> None:
              f"lr_other={s['lr_other']:g}; {report['wall_s']:.0f} s")
     if markdown:
         print(f"**{title}**\n")
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
-        for r in body:
-            print("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+        print(markdown_table(head, body))
         print()
     else:
         from rich.console import Console
