@@ -9,7 +9,8 @@ adapted weight, kept from forward to backward. Instead the backward recomputes i
   a ``saved_tensors_hooks`` pair. Its pack hook replaces any saved tensor that is ``W'`` or a
   view of it by a :class:`_Recipe` (the four small-or-shared inputs and the view's geometry);
   the unpack hook recomputes ``W'`` once per weight and backward pass, checking that none of
-  its inputs changed in place meanwhile. Every other saved tensor passes through untouched.
+  its inputs changed in place meanwhile. Every other saved tensor is kept as it is, with the
+  in-place check autograd itself skips for tensors that go through hooks.
 - **torch.compile**: :func:`merged_weight` runs the merge under ``torch.utils.checkpoint``, so
   AOTAutograd's partitioner recomputes it in the backward graph instead of saving ``W'``
   (the scope is a no-op there: Dynamo does not trace saved-tensor hooks).

@@ -93,6 +93,11 @@ CASES = {
 }
 
 
+# the op consuming each adapted weight: MHA's packed in-projection reaches F.linear through chunking
+OPS = {"matmul-einsum-linear": ["linear", "matmul", "einsum"], "conv-grouped": ["conv2d", "conv2d"],
+       "stacked-experts": ["bmm", "einsum"], "mha-lstm": ["linear", "linear", "lstm", "lstm"]}
+
+
 @pytest.fixture(scope="module")
 def transformed():
     """Each case transformed once (export captures take seconds), adapters moved off their init."""
@@ -133,6 +138,8 @@ def main_output(out):
 def test_weight_form_matches_the_merged_weight_form(transformed, case):
     _, gm, x = transformed[case]
     assert {a.form for a in dl.adapters(gm)} == {"weight"}
+    assert [a.op for a in dl.adapters(gm)] == OPS[case]
+    assert gm.capture_method == ("export" if case == "mha-lstm" else "symbolic_trace")
     x = x.clone().requires_grad_()
     grads = []
     for fn in (lambda: gm(x), lambda: reference(gm, x)):
