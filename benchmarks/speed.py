@@ -49,6 +49,7 @@ Usage::
     python benchmarks/speed.py --no-compile --threads 1 --markdown
     python benchmarks/speed.py --settings 8x128,8x512 --variants full-rank,switchlora-seeded
     python benchmarks/speed.py --settings "" --markdown   # the form sweep alone
+    python benchmarks/speed.py --preset gpu --markdown    # one GPU, bf16 autocast, d=1024, 16k tokens/step
 
 Writes JSON (``--out``, default ``benchmarks/results/speed.json``) and prints tables to
 stdout (``--markdown``: GitHub markdown for the README); progress goes to stderr.
@@ -103,7 +104,8 @@ import dynlora_fx as dl  # noqa: E402
 from dynlora_fx.ops import enter_recompute_scope, exit_recompute_scope, keep_merged_weights, merged_weight  # noqa: E402
 from dynlora_fx.passes.find_targets import choose_form  # noqa: E402
 from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: E402
-from dynlora_fx.training import TrainSettings, full_rank_state_bytes, make_optimizer, training_state_bytes  # noqa: E402
+from dynlora_fx.training import TrainSettings, autocast, full_rank_state_bytes, make_optimizer, \
+    training_state_bytes  # noqa: E402
 
 from _common import (RssSampler, SavedTensors, code_version, current_rss, human_bytes, log,  # noqa: E402
                      machine_info, markdown_table, max_rss, median, optimizer_state_bytes, quantile, settle,
@@ -152,6 +154,7 @@ class Variant:
     info: dict[str, Any] = field(default_factory=dict)
     batch_i: int = 0
     recompiles: int = 0
+    precision: str = "fp32"  # dynlora_fx.training.PRECISIONS; bf16-autocast runs the forward under autocast
 
     @property
     def compiled(self) -> bool:
@@ -195,7 +198,8 @@ def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tenso
                   else dl.compile(inner, dynamic=False))
     else:
         module = inner
-    v = Variant(method, mode, f"{method}/{mode}", module, inner, optimizer, switcher, config)
+    v = Variant(method, mode, f"{method}/{mode}", module, inner, optimizer, switcher, config,
+                precision=args.precision)
     if switcher is not None:
         _time_hooks(v, device)
     # memory the method needs in principle (parameters, gradients, AdamW moments, candidates)
@@ -238,7 +242,7 @@ def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
     settle(device)
     with variant_context(v.method):
         t0 = time.perf_counter()
-        with probe or contextlib.nullcontext():
+        with probe or contextlib.nullcontext(), autocast(v.module, v.precision):
             out = v.module(x)
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
         settle(device)
@@ -515,7 +519,7 @@ def probe_memory(method: str, form: str | None, checkpointed: bool, cfg: LlamaCo
             model.blocks[i] = CheckpointedBlock(block)
     probe = SavedTensors(state_tensors(module))
     with variant_context(method):
-        with probe:
+        with probe, autocast(module, args.precision):
             out = module(x)
             loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -865,11 +869,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-batches", type=int, default=4, help="distinct batches cycled through")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--precision", choices=("fp32", "bf16-autocast"), default="fp32",
+                   help="bf16-autocast: fp32 parameters and state, bf16 compute")
+    p.add_argument("--preset", choices=("gpu",), help="gpu: one-GPU bf16 setting (LLaMA-style d=1024, 8 layers, "
+                   "16 heads, rank 256, 64x256 = 16k tokens/step, CUDA, bf16-autocast); flags given win")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero (on x86 CPUs they slow some steps 5-20x and "
                         "make timings erratic; see benchmarks/pretrain.py)")
     args = p.parse_args(argv)
 
+    if args.preset == "gpu":
+        for k, v in GPU_PRESET.items():
+            if getattr(args, k) is None or (k in ("device", "precision") and getattr(args, k) == p.get_default(k)):
+                setattr(args, k, v)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}{' (--preset gpu)' if args.preset else ''} needs CUDA, which is not "
+                "available here; pass --device cpu")
     q = args.quick
     defaults = dict(dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(2, 8), seq=(32, 128),
                     rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 5),
@@ -894,6 +909,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         p.error(f"--dim {args.dim} must split into --heads {args.heads} even-sized heads")
     return args
+
+
+# one GPU, bf16 compute, at a size where SwitchLoRA pays off: d=1024, 8 layers, 16k tokens/step
+GPU_PRESET = dict(dim=1024, layers=8, heads=16, rank=256, batch=64, seq=256, settings="64x256", device="cuda",
+                  precision="bf16-autocast", form_tokens=[4096, 16384], form_ranks=[64, 256])
 
 
 def process_warmup(args: argparse.Namespace, device: torch.device) -> None:
