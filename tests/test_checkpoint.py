@@ -82,6 +82,22 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _train(gm, x, steps, compiled=False):
+    """``steps`` SwitchLoRA steps on ``gm`` (compiled if asked) from a fixed seed: (losses, switcher)."""
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    sw = dl.attach(gm, opt, total_steps=steps)
+    run = dl.compile(gm) if compiled else gm
+    torch.manual_seed(5)
+    losses = []
+    for _ in range(steps):
+        loss = run(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, sw
+
+
 def test_regions_are_the_repeated_blocks():
     model = Stack()
     assert repeated_blocks(model) == ["layers.0", "layers.1", "layers.2"]
@@ -122,16 +138,7 @@ def test_switching_merge_and_copy_through_checkpointed_regions():
     for checkpoint in (False, True):
         gm = copy.deepcopy(dl.transform(model, (x,), dl.SwitchLoRA(rank=4, interval=2, freeze_steps=1),
                                         checkpoint=checkpoint))  # a copy keeps its regions on its own state
-        opt = dl.AdamW(gm.parameters(), lr=1e-2)
-        sw = dl.attach(gm, opt, total_steps=12)
-        torch.manual_seed(5)
-        losses[checkpoint] = []
-        for _ in range(12):
-            loss = gm(x).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[checkpoint].append(loss.item())
+        losses[checkpoint], sw = _train(gm, x, steps=12)
         assert sum(sw.num_switched()) > 0
         gm.eval()
         merged = dl.merge(gm)
@@ -186,18 +193,8 @@ def test_compiled_checkpointing_matches_and_never_recompiles():
     for checkpoint in (False, True):
         torch._dynamo.reset()
         gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=4, interval=2, freeze_steps=1), checkpoint=checkpoint)
-        opt = dl.AdamW(gm.parameters(), lr=1e-2)
-        dl.attach(gm, opt, total_steps=5)
-        compiled = dl.compile(gm)
-        torch.manual_seed(5)
-        losses[checkpoint] = []
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for _ in range(5):
-                loss = compiled(x).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses[checkpoint].append(loss.item())
+            losses[checkpoint], _ = _train(gm, x, steps=5, compiled=True)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False])) <= 1e-5
 
 
