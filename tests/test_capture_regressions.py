@@ -4,13 +4,11 @@ smallest that showed the bug; each test checks what went wrong: outputs, gradien
 the reason a weight was skipped, or what a call with another batch size does."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 import dynlora_fx as dl
 from dynlora_fx import capture as capture_mod
