@@ -67,7 +67,14 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
                           "or False")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
 
-    work = copy.deepcopy(model)  # never touch the user's model
+    try:
+        work = copy.deepcopy(model)  # never touch the user's model
+    except Exception as exc:  # noqa: BLE001 - e.g. a non-leaf tensor left on a module by a hook
+        raise DynLoRAError(type(model).__name__, f"the model cannot be copied ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]})",
+                           "transform the model before running it, or remove what holds a non-leaf tensor (e.g. "
+                           "torch.nn.utils.spectral_norm's weight after a train-mode forward: use "
+                           "torch.nn.utils.parametrizations.spectral_norm)") from None
     with recording_checkpointed_modules() as own_checkpointed:  # capture sees through the model's own
         cap = capture(work, args, kwargs)
     graphs = dict(cap.graphs)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import dynlora_fx as dl
 from dynlora_fx import capture as capture_mod
-from dynlora_fx.errors import CaptureError
+from dynlora_fx.errors import CaptureError, DynLoRAError
 
 
 def run(module, x, mode, seed=0):
@@ -351,3 +351,10 @@ def test_functionalize_keeps_hooked_layers_opaque():
     functionalize_leaves(gm)
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc", "conv"]
     torch.testing.assert_close(gm(x), want)
+
+
+def test_a_model_that_cannot_be_copied_is_a_clear_error():
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2))
+    model.train()(torch.randn(4, 8))  # the old spectral_norm leaves a non-leaf weight: deepcopy fails
+    with pytest.raises(DynLoRAError, match="cannot be copied"):
+        dl.transform(model, (torch.randn(4, 8),), dl.SwitchLoRA(rank=2))

@@ -388,3 +388,18 @@ def test_moving_the_module_after_attaching_restacks_and_keeps_training():
     assert sw.num_switched()[0] > switched[0]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), before, rtol=1e-9, atol=1e-9)
+
+
+def test_relora_reset_preserves_the_function_with_either_init():
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(16, 32)
+    for init in ("lora", "switchlora"):
+        gm = dl.transform(model, (x,), dl.ReLoRA(rank=8, reset_every=3, warmup=1, init=init))
+        with torch.no_grad():
+            before = gm(x)
+        opt = dl.AdamW(gm.parameters(), lr=0.0)
+        dl.attach(gm, opt, total_steps=9)
+        for _ in range(9):  # three resets: merge, re-initialise (non-zero B for init="switchlora")
+            opt.step()
+        with torch.no_grad():
+            assert ((gm(x) - before).abs().max() / before.abs().max()).item() < 1e-5, init

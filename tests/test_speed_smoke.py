@@ -36,8 +36,13 @@ def test_speed_benchmark_quick(tmp_path):
     for m in ("switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference"):
         assert by[m]["switched_per_adapter_step"] > 0 and 0 < by[m]["switch_share"] < 1
     assert by["switchlora-stored"]["state_bytes"] > by["switchlora-seeded"]["state_bytes"]  # candidate tables
-    # keeping every merged W' for backward costs saved bytes; recomputing them does not
-    assert by["switchlora-keep"]["saved_bytes"] > by["switchlora-seeded"]["saved_bytes"]
+    # keeping every merged W' for backward costs saved bytes; recomputing them does not (the activation
+    # form has no W': where form="auto" picks it for every weight, both save the same)
+    keep, seeded = by["switchlora-keep"], by["switchlora-seeded"]
+    if keep["adapter_forms"].get("weight"):
+        assert keep["saved_bytes"] > seeded["saved_bytes"]
+    else:
+        assert keep["saved_bytes"] == seeded["saved_bytes"]
     assert by["switchlora-seeded"]["step_vs_kept"] > 0
     memory = setting["memory"]
     assert memory and all("error" not in r for r in memory), memory

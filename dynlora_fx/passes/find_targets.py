@@ -336,8 +336,9 @@ def adapter_costs(rows: int, cols: int, rank: int, tokens: int) -> tuple[float, 
     """Multiply-adds per training step added to the frozen base op, (activation, weight-space).
 
     Activation branch: x·Aᵀ and ·Bᵀ forward, twice that backward: 3·T·r·(m+n); W stays frozen, so
-    the base op computes no weight gradient. Weight-space form: B@A forward and the dA, dB products
-    backward (3·r·m·n), plus the base op's now-needed weight gradient (T·m·n). Products with inner
+    the base op computes no weight gradient. Weight-space form: B@A forward, again in backward (W' is
+    recomputed rather than kept: ``dynlora_fx/ops.py``) and the dA, dB products (4·r·m·n), plus the
+    base op's now-needed weight gradient (T·m·n). Products with inner
     or outer dim r run below the big ones' speed: ``skinny = min(1, sqrt(r/128))`` is fitted to the
     per-op sweep of ``benchmarks/speed.py`` on CPU (shapes 256x256, 704x256, 256x704; r 16, 64;
     256-4096 tokens/step), where it picks the measured faster form in every case with a >5%
@@ -345,7 +346,7 @@ def adapter_costs(rows: int, cols: int, rank: int, tokens: int) -> tuple[float, 
     per step (~1.5·d once r ≥ 128)."""
     skinny = min(1.0, math.sqrt(rank / 128.0))
     activation = 3.0 * tokens * rank * (rows + cols) / skinny
-    weight = 3.0 * rank * rows * cols / skinny + tokens * rows * cols
+    weight = 4.0 * rank * rows * cols / skinny + tokens * rows * cols
     return activation, weight
 
 

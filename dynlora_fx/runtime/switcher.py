@@ -233,8 +233,12 @@ class Switcher:
         self._relora_round += 1
         for ad in self.adapters:
             weight = self.gm.model.get_parameter(ad.target.weight)
-            update_weight(weight, residual_of(ad, weight), torch.Tensor.add_, ad.delta(master_dtype(weight.dtype)))
+            dtype = master_dtype(weight.dtype)
+            merged = ad.delta(dtype)
             ad.reset_parameters(self.seed, self.config.init, round_=self._relora_round)
+            # W takes the trained product and gives up the new one (zero for init="lora", whose B is 0),
+            # so the function is unchanged across the reset, as after dl.transform
+            update_weight(weight, residual_of(ad, weight), torch.Tensor.add_, merged - ad.delta(dtype))
             for p in (ad.A, ad.B):  # prune the adapters' optimizer state by magnitude
                 for key in ("exp_avg", "exp_avg_sq"):
                     buf = self.optimizer.state.get(p, {}).get(key)
