@@ -126,16 +126,24 @@ def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int])
         return ()
     train = gm.graph_module("train")
     regions = find_regions(train, blocks)
+    why = _by_reason(regions.skipped)
     if checkpoint is True and not regions.regions:
-        why = "; ".join(f"{b}: {r}" for b, r in regions.skipped[:4])
         raise DynLoRAError(type(model).__name__, f"checkpoint=True, but no block is a region of the graph ({why})",
                            "pass checkpoint=False")
     if regions.skipped:
-        why = "; ".join(f"{b}: {r}" for b, r in regions.skipped[:4])
         warnings.warn(f"dynlora: {len(regions.skipped)} block(s) run without activation checkpointing ({why})",
                       RuntimeWarning, stacklevel=3)
     checkpoint_regions(train, regions)
     return tuple(r.block for r in regions.regions)
+
+
+def _by_reason(skipped: tuple[tuple[str, str], ...]) -> str:
+    """'a, b, c (+2 more): reason; d: other reason' for (block, reason) pairs."""
+    groups: dict[str, list[str]] = {}
+    for block, reason in skipped:
+        groups.setdefault(reason, []).append(block)
+    return "; ".join(f"{', '.join(b[:3])}{f' (+{len(b) - 3} more)' if len(b) > 3 else ''}: {reason}"
+                     for reason, b in groups.items())
 
 
 def _register(root: nn.Module, path: str, module: nn.Module) -> None:

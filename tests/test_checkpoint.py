@@ -198,6 +198,33 @@ def test_compiled_checkpointing_matches_and_never_recompiles():
     assert max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False])) <= 1e-5
 
 
+class NormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def test_blocks_updating_state_in_place_are_not_recomputed():
+    """Under fx, batch norm is a module call that updates its running statistics: recomputing its block
+    would update them twice, so such blocks are refused (True) or left plain with a warning (auto)."""
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(DynLoRAError, match="batch-norm running statistics"):
+        dl.transform(nn.Sequential(NormBlock(), NormBlock()), (x,), dl.SwitchLoRA(rank=2), checkpoint=True)
+
+    class OwnCheckpoint(nn.Sequential):
+        def forward(self, x):
+            for block in self:
+                x = torch_checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+
+    with pytest.warns(RuntimeWarning, match="without activation checkpointing"):
+        gm = dl.transform(OwnCheckpoint(NormBlock(), NormBlock()), (x,), dl.SwitchLoRA(rank=2))
+    assert gm.checkpointed == ()
+
+
 def test_checkpoint_errors():
     x = torch.randn(2, 8)
     with pytest.raises(DynLoRAError, match="no repeated blocks"):

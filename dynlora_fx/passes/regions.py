@@ -97,7 +97,11 @@ def _node_path(node: fx.Node) -> str | None:
     return None
 
 
-def _mutates(node: fx.Node) -> bool:
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes state in place: a mutating ATen op, or a module call on a module with
+    buffers (an fx leaf such as batch norm, whose forward updates its running statistics)."""
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).buffers())
     schema = getattr(node.target, "_schema", None)
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
@@ -148,8 +152,9 @@ def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
         if foreign is not None:
             skipped.append((block, f"its ops are interleaved with those of {foreign}"))
             continue
-        if any(_mutates(n) for n in span):
-            skipped.append((block, "it updates state in place, which recomputation would repeat"))
+        if any(_mutates(gm, n) for n in span):
+            skipped.append((block, "it updates state in place (e.g. batch-norm running statistics), which "
+                                   "recomputation would repeat"))
             continue
         regions.append(Region(block, tuple(span)))
     return RegionPlan(tuple(regions), tuple(skipped))
