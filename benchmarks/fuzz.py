@@ -32,11 +32,11 @@ from _common import code_version, log, machine_info, markdown_table, write_json 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(seed: int, shrink: bool) -> dict[str, Any]:
+def run_one(seed: int, shrink: bool, checkpoint: bool = False) -> dict[str, Any]:
     spec = fm.draw_spec(seed)
     t0 = time.perf_counter()
     try:
-        res = fm.check_spec(spec)
+        res = fm.check_checkpointing(spec) if checkpoint else fm.check_spec(spec)
     except Exception as exc:  # noqa: BLE001 - a crash of the checker itself is a finding too
         res = {"outcome": "fail", "capture": None, "notes": [],
                "failures": [{"check": "crash", "detail": f"{type(exc).__name__}: {exc}"[:600]}]}
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--shrink", action="store_true", help="reduce every failure to a minimal spec")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="check the checkpointing pass instead: checkpoint=True against False, one train step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summarize", nargs="+", metavar="JSON", help="merge chunk files instead of running")
     p.add_argument("--markdown", action="store_true", help="print the per-feature table")
@@ -116,13 +118,14 @@ def main() -> None:
         return
 
     torch.set_num_threads(a.threads)
-    path = Path(a.out or ROOT / f"benchmarks/results/fuzz_{a.start}.json")
+    kind = "fuzz_checkpoint" if a.checkpoint else "fuzz"
+    path = Path(a.out or ROOT / f"benchmarks/results/{kind}_{a.start}.json")
     header = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "start": a.start,
               "count": a.count, "machine": machine_info(), "code": code_version(ROOT)}
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, seed in enumerate(range(a.start, a.start + a.count)):
-        row = run_one(seed, a.shrink)
+        row = run_one(seed, a.shrink and not a.checkpoint, a.checkpoint)  # shrink() replays check_spec
         rows.append(row)
         if row["outcome"] == "fail":
             log(f"seed {seed}: FAIL {[f['check'] + ': ' + f['detail'][:120] for f in row['failures']]}")

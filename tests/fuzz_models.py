@@ -29,6 +29,7 @@ import copy
 import math
 import random
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -844,3 +845,40 @@ def shrink(spec: dict[str, Any], checks: set[str], budget: int = 40) -> dict[str
             if tries >= budget:
                 break
     return spec
+
+
+# -- the checkpointing pass ------------------------------------------------------------------------
+def check_checkpointing(spec: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint=True`` against ``checkpoint=False`` on one spec's model: one train-mode step (same
+    RNG seed) gives equal outputs, gradients and buffers, recomputation included. Same result shape as
+    :func:`check_spec`; outcome "refused" when the model has no block to recompute (a DynLoRAError)."""
+    model, args = build(spec)
+    config = make_config(spec)
+    try:
+        plain = dl.transform(model, args, config, checkpoint=False)
+    except dl.DynLoRAError as exc:
+        return {"outcome": "refused", "capture": None, "failures": [], "notes": [f"transform: {exc.cause[:120]}"]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recomputed = dl.transform(model, args, config, checkpoint=True)
+    except dl.DynLoRAError as exc:
+        return {"outcome": "refused", "capture": plain.capture_method, "failures": [],
+                "notes": [f"checkpoint=True: {exc.cause[:160]}"]}
+    runs = []
+    for gm in (plain, recomputed):
+        params = [p for p in gm.parameters() if p.requires_grad]
+        out = _run(gm, args, "train", seed=3)
+        grads = torch.autograd.grad(_loss(out), params, allow_unused=True)
+        runs.append((_float_leaves(out), grads, _buffers(gm)))
+    (o0, g0, b0), (o1, g1, b1) = runs
+    failures = []
+    if not all(_tensor_close(a, b) for a, b in zip(o0, o1)) or len(o0) != len(o1):
+        failures.append({"check": "checkpoint-output", "detail": _diff(o0, o1)})
+    peers = max((float(g.abs().max()) for g in g0 if g is not None and g.numel()), default=0.0)
+    if not all(_tensor_close(a, b, peers) for a, b in zip(g0, g1)):
+        failures.append({"check": "checkpoint-grads", "detail": "gradients differ with checkpoint=True"})
+    if not all(_tensor_close(b0[k], b1[k]) for k in b0):
+        failures.append({"check": "checkpoint-buffers", "detail": "buffers differ with checkpoint=True"})
+    return {"outcome": "fail" if failures else "ok", "capture": recomputed.capture_method, "failures": failures,
+            "notes": [f"recomputed {len(recomputed.checkpointed)} blocks"]}

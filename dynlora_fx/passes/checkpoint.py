@@ -111,7 +111,11 @@ def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
     for region in plan.regions:
         _extract(gm, region, constant, region.block.replace(".", "_"))
         constant -= set(region.nodes)
-    gm.graph.eliminate_dead_code()
+    # drop the parameter-only nodes now computed inside regions alone; not a general dead-code pass,
+    # which would also drop in-place updates whose result goes unused (a counter's add_)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in constant and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -106,15 +106,90 @@ def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
+def _written(node: fx.Node) -> list[Any]:
+    """The arguments ``node`` writes in place: those its ATen schema marks as written (``copy_``'s
+    self, an ``out=``), ``x`` of a method ``x.add_()``, or a call to an in-place function."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op == "call_function" and schema is not None:
+        out = []
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                out.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+        return out
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_") and node.args:
+        return [node.args[0]]
+    return []
+
+
+def _in_place(node: fx.Node) -> bool:
+    return bool(_written(node))
+
+
+def _base(value: Any) -> fx.Node | None:
+    """The graph value ``value`` is a view of (through up to 8 ops on its first argument)."""
+    for _ in range(8):
+        if not isinstance(value, fx.Node) or value.op in ("get_attr", "placeholder") or not value.args:
+            break
+        value = value.args[0]
+    return value if isinstance(value, fx.Node) else None
+
+
+def _subgraphs(node: fx.Node) -> list[fx.GraphModule]:
+    """Graphs a higher-order op (``wrap_with_set_grad_enabled``, ``cond``, …) runs, read by get_attr."""
+    owner = node.graph.owning_module
+    out = []
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr" and owner is not None:
+            try:
+                sub = owner.get_submodule(str(arg.target))
+            except AttributeError:
+                continue
+            if isinstance(sub, fx.GraphModule):
+                out.append(sub)
+    return out
+
+
+def mutated_state(graph: fx.Graph) -> set[str]:
+    """Attribute targets the graph writes in place (buffers a forward updates: running statistics,
+    power-iteration vectors, counters), followed through views, and into higher-order ops: one whose
+    subgraph writes any of its inputs is taken to write every attribute it is given."""
+    out: set[str] = set()
+    for node in graph.nodes:
+        bases = [_base(v) for v in _written(node)]
+        subs = _subgraphs(node) if node.op == "call_function" else []
+        if any(mutated_state(sub.graph) or _writes_placeholder(sub.graph) for sub in subs):
+            bases += [a for a in node.all_input_nodes if not isinstance(_resolve(a), fx.GraphModule)]
+        out.update(str(b.target) for b in bases if b is not None and b.op == "get_attr")
+    return out
+
+
+def _writes_placeholder(graph: fx.Graph) -> bool:
+    return any(b is not None and b.op == "placeholder" for n in graph.nodes for b in map(_base, _written(n)))
+
+
+def _resolve(node: fx.Node) -> Any:
+    owner = node.graph.owning_module
+    if node.op != "get_attr" or owner is None:
+        return None
+    try:
+        return owner.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
 def parameter_only(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes computed from attribute reads alone (no graph input), without side effects: they
-    can run wherever they are needed, e.g. inside the region that uses them."""
+    """Nodes computed from attribute reads alone (no graph input), without side effects, from state
+    the graph does not update: they can run wherever they are needed, e.g. inside the region that
+    uses them."""
+    mutated = mutated_state(graph)
     out: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "get_attr":
-            out.add(node)
+            if str(node.target) not in mutated:
+                out.add(node)
         elif node.op in ("call_function", "call_method") and node.all_input_nodes and not node.is_impure() \
-                and all(a in out for a in node.all_input_nodes):
+                and not _in_place(node) and all(a in out for a in node.all_input_nodes):
             out.add(node)
     return out
 
@@ -129,6 +204,7 @@ def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     movable = parameter_only(gm.graph)  # export hoists weight computations; they follow their users
+    mutated = mutated_state(gm.graph)
     owned: dict[str, list[fx.Node]] = {b: [] for b in blocks}
     owner_of: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -156,8 +232,30 @@ def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
             skipped.append((block, "it updates state in place (e.g. batch-norm running statistics), which "
                                    "recomputation would repeat"))
             continue
+        reads = _state_read(span, movable)
+        if reads & mutated:
+            skipped.append((block, f"it reads {sorted(reads & mutated)[0]}, which the step updates in place "
+                                   "(e.g. spectral norm's power iteration): recomputation would read the new value"))
+            continue
         regions.append(Region(block, tuple(span)))
     return RegionPlan(tuple(regions), tuple(skipped))
+
+
+def _state_read(span: list[fx.Node], movable: set[fx.Node]) -> set[str]:
+    """Attribute targets the region reads: directly, or through parameter-only nodes it would pull in."""
+    out: set[str] = set()
+    stack = [a for n in span for a in n.all_input_nodes]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            out.add(str(node.target))
+        elif node in movable:
+            stack.extend(node.all_input_nodes)
+    return out
 
 
 # -- the model's own checkpointing ---------------------------------------------------------------
