@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         state = {k: v.clone() for k, v in gm.state_dict().items()}
         torch.save({"state": state, "reduced": sorted(reduced), "switched": sw.num_switched()},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective (an abort at exit)
     finally:
         dist.destroy_process_group()
 
