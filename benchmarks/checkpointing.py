@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "saved_bytes": saved[name], "saved_vs_hf": saved[name] / saved["hf"],
             "saved_vs_uncheckpointed": saved[name] / saved[base],
             "step_ms": 1e3 * median(times[name]), "time_vs_uncheckpointed": ratio(name, base),
-            "checkpointed_blocks": list(getattr(transformed.get(name.split(" ")[0]), "checkpointed", ()) or ()),
+            "checkpointed_blocks": list(transformed[gm_name].checkpointed) if (gm_name := name.split(" ")[0])
+            in transformed else [],
         }
     report = {"benchmark": "checkpointing", "args": vars(args), "machine": machine_info(), "code": code_version(ROOT),
               "forms": sorted({i.form for i in dl.adapters(transformed["switchlora"])}), "results": results}

@@ -74,9 +74,9 @@ def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> d
                 with torch.no_grad(), amp:
                     out = gm(ids).float()
                 drift[step] = ((out - start).norm() / start.norm()).item()
-    entries = sum(gm.model.get_parameter(i.weight).numel() for i in dl.adapters(gm))
-    w_bytes = sum(gm.model.get_parameter(i.weight).numel() * gm.model.get_parameter(i.weight).element_size()
-                  for i in dl.adapters(gm))
+    weights = [gm.model.get_parameter(i.weight) for i in dl.adapters(gm)]
+    entries = sum(w.numel() for w in weights)
+    w_bytes = sum(w.numel() * w.element_size() for w in weights)
     if "naive" not in variant:
         w_bytes += sum(b.numel() * b.element_size() for n, b in gm.named_buffers() if n.endswith(RESIDUAL))
     return {"drift": drift, "switched": sw.num_switched(), "w_bytes_per_entry": w_bytes / entries}

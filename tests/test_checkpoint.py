@@ -69,9 +69,10 @@ class Flat(nn.Module):
         return self.b(self.a(x).unsqueeze(-1)).squeeze(-1)
 
 
-def _step(gm, x, seed=1):
+def _step(gm, forward, seed=1):
+    """One forward (``forward()``, a tensor) and backward: output, gradients, bytes saved for backward."""
     torch.manual_seed(seed)  # the same dropout masks for both runs
-    out, nbytes = saved_bytes(lambda: gm(x), gm)
+    out, nbytes = saved_bytes(forward, gm)
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
     gm.zero_grad(set_to_none=True)
@@ -125,7 +126,7 @@ def test_checkpointed_step_equals_plain_step(form, exported, device):
         assert gm.capture_method == ("export" if exported else "symbolic_trace")
         assert gm.checkpointed == (("layers.0", "layers.1", "layers.2") if checkpoint else ())
         gm.train()
-        runs[checkpoint] = _step(gm, x)
+        runs[checkpoint] = _step(gm, lambda: gm(x))
     (o0, g0, b0), (o1, g1, b1) = runs[False], runs[True]
     assert _rel(o1, o0) <= 1e-5
     assert g0.keys() == g1.keys() and max(_rel(g1[k], g0[k]) for k in g0) <= 1e-5
@@ -171,20 +172,11 @@ def test_auto_follows_hugging_face_gradient_checkpointing():
     for checkpoint in ("auto", False):
         gm = dl.transform(model, (), dl.SwitchLoRA(rank=4), example_kwargs=kwargs, checkpoint=checkpoint)
         gm.train()
-        runs[checkpoint] = (gm.checkpointed, *_hf_step(gm, kwargs))
+        runs[checkpoint] = (gm.checkpointed, *_step(gm, lambda: gm(**kwargs).logits))
     assert runs["auto"][0] == ("model.layers.0", "model.layers.1") and runs[False][0] == ()
     (_, o1, g1, b1), (_, o0, g0, b0) = runs["auto"], runs[False]
     assert _rel(o1, o0) <= 1e-5 and max(_rel(g1[k], g0[k]) for k in g0) <= 1e-5
     assert b1 <= 0.2 * b0
-
-
-def _hf_step(gm, kwargs):
-    torch.manual_seed(1)
-    out, nbytes = saved_bytes(lambda: gm(**kwargs).logits, gm)
-    out.square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    gm.zero_grad(set_to_none=True)
-    return out.detach(), grads, nbytes
 
 
 def test_compiled_checkpointing_matches_and_never_recompiles():

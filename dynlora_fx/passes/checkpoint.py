@@ -61,7 +61,7 @@ def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: s
     inputs: list[fx.Node] = []
 
     def bring(node: fx.Node) -> fx.Node:
-        """The body's copy of ``node``: itself when inside, a copy when parameter-only, else an input."""
+        """The body's copy of an outside ``node``: recomputed there when parameter-only, else an input."""
         if node in env:
             return env[node]
         if node in constant:
@@ -110,7 +110,6 @@ def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
     constant = parameter_only(gm.graph)
     for region in plan.regions:
         _extract(gm, region, constant, region.block.replace(".", "_"))
-        constant -= set(region.nodes)
     # drop the parameter-only nodes now computed inside regions alone; not a general dead-code pass,
     # which would also drop in-place updates whose result goes unused (a counter's add_)
     for node in reversed(list(gm.graph.nodes)):

@@ -137,17 +137,7 @@ def _base(value: Any) -> fx.Node | None:
 
 def _subgraphs(node: fx.Node) -> list[fx.GraphModule]:
     """Graphs a higher-order op (``wrap_with_set_grad_enabled``, ``cond``, …) runs, read by get_attr."""
-    owner = node.graph.owning_module
-    out = []
-    for arg in node.all_input_nodes:
-        if arg.op == "get_attr" and owner is not None:
-            try:
-                sub = owner.get_submodule(str(arg.target))
-            except AttributeError:
-                continue
-            if isinstance(sub, fx.GraphModule):
-                out.append(sub)
-    return out
+    return [sub for arg in node.all_input_nodes if isinstance(sub := _resolve(arg), fx.GraphModule)]
 
 
 def mutated_state(graph: fx.Graph) -> set[str]:
@@ -178,11 +168,11 @@ def _resolve(node: fx.Node) -> Any:
         return None
 
 
-def parameter_only(graph: fx.Graph) -> set[fx.Node]:
+def parameter_only(graph: fx.Graph, mutated: set[str] | None = None) -> set[fx.Node]:
     """Nodes computed from attribute reads alone (no graph input), without side effects, from state
-    the graph does not update: they can run wherever they are needed, e.g. inside the region that
-    uses them."""
-    mutated = mutated_state(graph)
+    the graph does not update (``mutated``: :func:`mutated_state`, computed if not given): they can
+    run wherever they are needed, e.g. inside the region that uses them."""
+    mutated = mutated_state(graph) if mutated is None else mutated
     out: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -203,8 +193,8 @@ def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
     is skipped with the reason.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    movable = parameter_only(gm.graph)  # export hoists weight computations; they follow their users
     mutated = mutated_state(gm.graph)
+    movable = parameter_only(gm.graph, mutated)  # export hoists weight computations; they follow their users
     owned: dict[str, list[fx.Node]] = {b: [] for b in blocks}
     owner_of: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
