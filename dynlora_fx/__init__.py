@@ -6,12 +6,13 @@
 
 from .api import merge, merge_and_unload, transform
 from .compile import compile
+from .distributed import fully_shard
 from .config import LoRA, ReLoRA, SwitchLoRA, config_from_json
 from .errors import DynLoRAError
 from .module import AdapterInfo, DynLoRAModule, adapters
 from .export import export_onnx
 from .runtime import AdamW, Switcher, attach
 
-__all__ = ["transform", "merge", "merge_and_unload", "compile", "export_onnx", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
+__all__ = ["transform", "merge", "merge_and_unload", "compile", "fully_shard", "export_onnx", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
            "config_from_json", "DynLoRAError", "AdamW", "attach", "Switcher"]
 __version__ = "0.1.0"

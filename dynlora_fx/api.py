@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 
 from .capture import capture
+from .distributed import is_sharded, unsharded_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
-from .module import Adapter, DynLoRAModule, unwrap
+from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
-from .passes import checkpoint_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
+from .passes import outline_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
     recording_checkpointed_modules, region_bodies, remove_adapters, repeated_blocks
 
 __all__ = ["transform", "merge", "merge_and_unload"]
@@ -133,7 +134,7 @@ def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int])
     if regions.skipped:
         warnings.warn(f"dynlora: {len(regions.skipped)} block(s) run without activation checkpointing ({why})",
                       RuntimeWarning, stacklevel=3)
-    checkpoint_regions(train, regions)
+    outline_regions(train, regions, recompute=True)
     return tuple(r.block for r in regions.regions)
 
 
@@ -150,7 +151,7 @@ def _register(root: nn.Module, path: str, module: nn.Module) -> None:
     *parents, leaf = path.split(".")
     for part in parents:
         if not hasattr(root, part):
-            root.add_module(part, nn.Module())
+            root.add_module(part, AdapterTree())
         root = getattr(root, part)
     root.add_module(leaf, module)
 
@@ -158,9 +159,12 @@ def _register(root: nn.Module, path: str, module: nn.Module) -> None:
 @torch.no_grad()
 def merge(module: nn.Module) -> DynLoRAModule:
     """A copy of a transformed module with every ``s·B·A`` folded into its weight and no adapter
-    node or parameter left; same function. Refuses to fold non-finite values."""
+    node or parameter left; same function. Refuses to fold non-finite values.
+
+    A sharded module (``dl.fully_shard``) is gathered whole first: every rank must call this, and
+    every rank gets the whole merged module."""
     src = unwrap(module)
-    out = copy.deepcopy(src)
+    out = unsharded_copy(src) if is_sharded(src) else copy.deepcopy(src)
     _fold_adapters(out.model, out.iter_adapters())
     for g in out._unique_graphs():
         for body in (g, *region_bodies(g)):
@@ -176,9 +180,13 @@ def merge_and_unload(module: nn.Module) -> nn.Module:
     """The user's own model (a copy, of its original class) with every ``s·B·A`` folded into its
     weight: no graph, no adapter, same function — ready for ``save_pretrained``/``from_pretrained``,
     ``generate``, ``torch.save`` or further training as a plain model. ``module`` is left as it is.
-    Refuses to fold non-finite values."""
+    Refuses to fold non-finite values. Of a sharded module: a collective, as :func:`merge`."""
     src = unwrap(module)
-    model = copy.deepcopy(src.model)
+    if is_sharded(src):
+        src = unsharded_copy(src)
+        model = src.model
+    else:
+        model = copy.deepcopy(src.model)
     _fold_adapters(model, src.iter_adapters())
     return model
 

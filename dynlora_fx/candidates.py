@@ -61,15 +61,16 @@ def candidate_keys(base: torch.Tensor, side: int, index: torch.Tensor) -> torch.
 
 
 @functools.lru_cache(maxsize=64)
-def _position_hash(length: int, device: torch.device) -> torch.Tensor:
-    return _mix32(torch.arange(length, dtype=torch.int64, device=device) + 0x9E3779B9)
+def _position_hash(start: int, length: int, device: torch.device) -> torch.Tensor:
+    return _mix32(torch.arange(start, start + length, dtype=torch.int64, device=device) + 0x9E3779B9)
 
 
 def candidate_vectors(keys: torch.Tensor, length: int, bound: float | torch.Tensor,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Vectors ``(*keys.shape, length)`` uniform in ±bound, a pure function of the keys
-    (``bound`` is a float or a tensor broadcasting against ``keys``)."""
-    bits = _mix32(keys.unsqueeze(-1) ^ _position_hash(length, keys.device))
+                      dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+    """Entries ``start .. start+length`` of the vectors of ``keys``, shape ``(*keys.shape, length)``,
+    uniform in ±bound: a pure function of the key and the entry's position, so a shard of a
+    vector is generated alone (``bound`` is a float or a tensor broadcasting against ``keys``)."""
+    bits = _mix32(keys.unsqueeze(-1) ^ _position_hash(start, length, keys.device))
     u = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 random bits -> exact float32 in [0, 1)
     if isinstance(bound, torch.Tensor):
         bound = bound.to(torch.float32).unsqueeze(-1)

@@ -34,8 +34,9 @@ from .capture import graph_module
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
 from .passes.find_targets import Target, TargetPlan
+from .shards import assign, gathered, is_sharded, local
 
-__all__ = ["Adapter", "AdapterInfo", "DynLoRAModule", "SwitchState", "adapters", "unwrap", "counts_generator",
+__all__ = ["Adapter", "AdapterInfo", "AdapterTree", "DynLoRAModule", "SwitchState", "adapters", "unwrap", "counts_generator",
            "device_seed"]
 
 _SHARED = ("model", "adapters", "constants")
@@ -93,13 +94,14 @@ class Adapter(nn.Module):
         b_idx = torch.stack([torch.randperm(self.num_candidates, generator=gen)[: t.rank] for _ in range(experts)])
         self.a_index.copy_(a_idx.view(self.a_index.shape))
         self.b_index.copy_(b_idx.view(self.b_index.shape))
+        # whole values, each rank of a sharded run keeping its slice of them
         if init == "switchlora":  # A's rows and B's columns are candidates
-            self.A.copy_(self.generate_candidates(SIDE_A, self.a_index))
-            self.B.copy_(self.generate_candidates(SIDE_B, self.b_index).transpose(-1, -2))
+            assign(self.A, self.generate_candidates(SIDE_A, self.a_index))
+            assign(self.B, self.generate_candidates(SIDE_B, self.b_index).transpose(-1, -2))
         else:  # LoRA: Kaiming-uniform A (as nn.Linear would), zero B
             bound = lora_a_bound(t.cols)
-            self.A.copy_((torch.rand(self.A.shape, generator=gen) * 2 - 1) * bound)
-            self.B.zero_()
+            assign(self.A, ((torch.rand(self.A.shape, generator=gen) * 2 - 1) * bound).to(self.A.dtype))
+            assign(self.B, torch.zeros(self.B.shape, dtype=self.B.dtype))
 
     def base_keys(self) -> torch.Tensor:
         """Per-expert key prefix ``(E,)`` of this adapter's candidates under its current seed."""
@@ -116,14 +118,28 @@ class Adapter(nn.Module):
         return candidate_vectors(keys, length, bound, dtype=self.A.dtype)
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``s · B @ A`` in the weight's own shape, computed in ``dtype`` (default: the factors')."""
-        a, b, s = (self.A, self.B, self.scale) if dtype is None else (self.A.to(dtype), self.B.to(dtype),
-                                                                     self.scale.to(dtype))
-        return (s * (b @ a)).reshape(self.target.shape)
+        """``s · B @ A`` in the weight's own shape, computed in ``dtype`` (default: the factors').
+        Sharded (``dl.fully_shard``): this rank's rows of it, from its rows of ``B`` and the whole
+        ``A`` (gathered: a collective)."""
+        a, b, s = gathered(self.A), local(self.B), self.scale
+        if dtype is not None:
+            a, b, s = a.to(dtype), b.to(dtype), s.to(dtype)
+        shape = list(self.target.shape)
+        shape[len(self.target.batch)] = b.shape[-2]  # W's rows are the matrix rows, as B's
+        return (s * (b @ a)).reshape(shape)
 
     def extra_repr(self) -> str:
         t = self.target
         return f"weight={t.weight}, shape={t.shape}, rank={t.rank}, form={t.form}, op={t.op}"
+
+
+class AdapterTree(nn.Module):
+    """A node of ``gm.adapters``, mirroring the model's module paths. Sharded with its block as
+    one FSDP unit (``dl.fully_shard``), :meth:`run_block` is that unit's FSDP forward method: the
+    block's region runs through it, so FSDP's hooks gather the unit around the block."""
+
+    def run_block(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
 
 
 def counts_generator(seed: int) -> torch.Generator:
@@ -212,7 +228,8 @@ def _untie_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metad
     (views into the runtime's stacked storage are disjoint, which safetensors accepts as they are)."""
     seen: set[tuple] = set()
     for name, t in state_dict.items():
-        if not name.startswith(prefix) or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        if not name.startswith(prefix) or not isinstance(t, torch.Tensor) or t.device.type == "meta" \
+                or is_sharded(t):  # a shard owns its storage
             continue
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         if key in seen:
@@ -235,12 +252,14 @@ class DynLoRAModule(nn.Module):
     # The graphs take exactly the captured inputs: no loss kwargs such as num_items_in_batch
     # (transformers.Trainer reads this instead of inspecting forward for **kwargs).
     accepts_loss_kwargs = False
+    checkpointed: tuple[str, ...] = ()  # blocks recomputed in backward (dl.transform's checkpoint=)
+    sharded: tuple[str, ...] = ()  # blocks that are FSDP units of their own (dl.fully_shard)
 
     def __init__(self, model: nn.Module, constants: nn.Module, graphs: dict[str, fx.GraphModule],
                  capture_method: str, config: AdapterConfig, plan: TargetPlan):
         super().__init__()
         self.model = model
-        self.adapters = nn.Module()
+        self.adapters = AdapterTree()
         self.constants = constants
         first = next(iter(model.parameters()), None)
         self.switch_state = SwitchState(config.seed, None if first is None else first.device)

@@ -5,10 +5,10 @@
 - :func:`insert_adapters` — rewrite: add ``s·B(A x)`` branches or ``W + s·B@A`` weights
 - :func:`remove_adapters` — rewrite: drop adapter nodes (merge folds the weights first)
 - :func:`find_regions` — analysis: the model's repeated blocks as contiguous regions of the graph
-- :func:`checkpoint_regions` — rewrite: run each region under ``torch.utils.checkpoint``
+- :func:`outline_regions` — rewrite: each region becomes a module call (checkpointed, or an FSDP unit's)
 """
 
-from .checkpoint import CheckpointedRegion, checkpoint_regions, region_bodies
+from .outline import BlockRegion, outline_regions, region_bodies, region_modules
 from .find_targets import Skip, Target, TargetPlan, find_targets, weight_uses
 from .functionalize import functionalize_leaves
 from .insert_adapters import insert_adapters
@@ -17,4 +17,4 @@ from .remove_adapters import remove_adapters
 
 __all__ = ["Skip", "Target", "TargetPlan", "find_targets", "weight_uses", "functionalize_leaves",
            "insert_adapters", "remove_adapters", "Region", "RegionPlan", "find_regions", "repeated_blocks",
-           "recording_checkpointed_modules", "CheckpointedRegion", "checkpoint_regions", "region_bodies"]
+           "recording_checkpointed_modules", "BlockRegion", "outline_regions", "region_bodies", "region_modules"]

@@ -184,13 +184,14 @@ def parameter_only(graph: fx.Graph, mutated: set[str] | None = None) -> set[fx.N
     return out
 
 
-def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
+def find_regions(gm: fx.GraphModule, blocks: list[str], recompute: bool = True) -> RegionPlan:
     """The region of every block in ``blocks`` (qualified names in ``gm.model``) in ``gm``'s graph.
 
     Pure analysis: ``gm`` is not changed. A block's region runs from its first to its last op;
     ops of no block in between (shape reads, inserted nodes) belong to it. A block whose ops are
-    interleaved with another block's, that updates state in place, or that the graph never runs,
-    is skipped with the reason.
+    interleaved with another block's, or that the graph never runs, is skipped with the reason;
+    so is one that updates state in place or reads state the step updates, if its region is to
+    be ``recompute`` d in backward.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     mutated = mutated_state(gm.graph)
@@ -218,12 +219,12 @@ def find_regions(gm: fx.GraphModule, blocks: list[str]) -> RegionPlan:
         if foreign is not None:
             skipped.append((block, f"its ops are interleaved with those of {foreign}"))
             continue
-        if any(_mutates(gm, n) for n in span):
+        if recompute and any(_mutates(gm, n) for n in span):
             skipped.append((block, "it updates state in place (e.g. batch-norm running statistics), which "
                                    "recomputation would repeat"))
             continue
         reads = _state_read(span, movable)
-        if reads & mutated:
+        if recompute and reads & mutated:
             skipped.append((block, f"it reads {sorted(reads & mutated)[0]}, which the step updates in place "
                                    "(e.g. spectral norm's power iteration): recomputation would read the new value"))
             continue

@@ -7,15 +7,23 @@ many adapters it holds. A vector whose state is reset restarts its bias correcti
 a frozen vector is not updated at all (not by its moments, not by weight decay). Every
 other parameter goes through the stock ``torch.optim.AdamW.step`` unchanged, so its
 numbers are exactly torch's.
+
+FSDP2-sharded factors (``dl.fully_shard``) are updated on each rank's local shards: FSDP owns
+their storage, so a group stacks a working copy and writes it back; their state is exposed as
+DTensors sharded like the parameters, so ``torch.distributed.checkpoint`` saves and loads it per
+rank. Every parameter's state exists from construction (zeros, as torch would create it at the
+first step), so a fresh optimizer's ``state_dict()`` is something a checkpoint can be loaded into.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import ConfigError
+from ..shards import is_sharded, local, shard_like
 
 __all__ = ["AdamW", "VectorGroup"]
 
@@ -33,10 +41,12 @@ def _stock_step(opt: torch.optim.AdamW) -> None:
 
 class VectorGroup:
     """Same-shape parameters whose vectors — rows (``dim=-2``) or columns (``dim=-1``) of the
-    last two dims — are trained and switched one by one, stored as views of one stacked tensor.
+    last two dims — are trained and switched one by one, stored as views of one stacked tensor
+    (for sharded parameters: of this rank's shards, stacked as a working copy that
+    :meth:`commit` writes back).
 
     ``frozen()`` returns every vector's frozen steps left, shape ``(N, r)`` for the ``N``
-    matrices of :meth:`flat` (leading batch dims folded) and ``r`` vectors each."""
+    matrices of :meth:`flat` (leading batch dims folded) and ``r`` (local) vectors each."""
 
     def __init__(self, params: Sequence[torch.Tensor], dim: int, frozen: Callable[[], torch.Tensor]):
         params = list(params)
@@ -48,6 +58,7 @@ class VectorGroup:
             raise ConfigError("VectorGroup", "parameters differ in shape, dtype or device",
                               "group only same-shape factors")
         self.params, self.dim, self.frozen = params, dim, frozen
+        self.sharded = is_sharded(first)
         self._flat: torch.Tensor | None = None
         self._ptrs: list[int] = []
         self.flat()
@@ -55,7 +66,12 @@ class VectorGroup:
     def flat(self) -> torch.Tensor:
         """All parameters as one ``(N, rows, cols)`` tensor whose slices they are views of.
         Re-stacked (values kept) if something gave a parameter new storage (``.to()``,
-        ``load_state_dict(assign=True)``)."""
+        ``load_state_dict(assign=True)``). Sharded parameters: a fresh stack of the local shards,
+        whose changes :meth:`commit` writes back."""
+        if self.sharded:
+            shards = torch.stack([local(p).detach() for p in self.params])
+            self._flat = shards.view(math.prod(shards.shape[:-2]), *shards.shape[-2:])  # a shard may be empty
+            return self._flat
         if self._flat is None or any(p.data_ptr() != ptr for p, ptr in zip(self.params, self._ptrs)):
             stacked = torch.stack([p.detach() for p in self.params])
             for p, view in zip(self.params, stacked):
@@ -63,6 +79,12 @@ class VectorGroup:
             self._flat = stacked.view(-1, *stacked.shape[-2:])
             self._ptrs = [p.data_ptr() for p in self.params]
         return self._flat
+
+    def commit(self) -> None:
+        """Write changes made to :meth:`flat` back to sharded parameters (unsharded ones are views)."""
+        if self.sharded:
+            for p, part in zip(self.params, self._flat.view(len(self.params), *local(self.params[0]).shape)):
+                local(p).copy_(part)
 
     def vector_shape(self) -> tuple[int, ...]:
         """Shape of a per-vector quantity broadcast against :meth:`flat`."""
@@ -79,6 +101,25 @@ class AdamW(torch.optim.AdamW):
         self._groups: list[VectorGroup] = []
         self._flat_state: dict[int, dict[str, torch.Tensor]] = {}  # id(group) -> stacked moments and steps
         self._grouped: set[int] = set()  # ids of registered parameters
+        self._init_state()
+
+    @torch.no_grad()
+    def _init_state(self) -> None:
+        """The state torch's AdamW creates at a parameter's first step, created now: zeros (and the
+        same numbers after the first step), but present for a checkpoint to be loaded into."""
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad or self.state.get(p):
+                    continue
+                on_device = group["capturable"] or group["fused"]
+                state = {"step": torch.zeros((), dtype=torch.float32 if group["fused"] else scalar, device=p.device)
+                         if on_device else torch.tensor(0.0, dtype=scalar),
+                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p] = state
 
     def register_vectors(self, group: VectorGroup) -> None:
         """Give ``group``'s parameters per-vector state. They must share one param group;
@@ -110,9 +151,11 @@ class AdamW(torch.optim.AdamW):
             old, rows = self.state.get(p, {}), slice(i * per, (i + 1) * per)
             for key in _MOMENTS:
                 if key in old:  # a tensor-wide step broadcasts to every vector
-                    dest = stacked[key][rows]
-                    dest.copy_(old[key].reshape(dest.shape) if old[key].numel() > 1 else old[key])
-            self.state[p] = {key: stacked[key][rows].view(self._state_shape(p, key, group.dim)) for key in _MOMENTS}
+                    dest, value = stacked[key][rows], local(old[key])
+                    dest.copy_(value.reshape(dest.shape) if value.numel() > 1 else value)
+            # sharded: DTensors over the stacked shards; a column's step (dim=-1) is the same on every rank
+            self.state[p] = {key: shard_like(stacked[key][rows].view(self._state_shape(local(p), key, group.dim)), p,
+                                             replicate=key == "step" and group.dim == -1) for key in _MOMENTS}
         return stacked
 
     @staticmethod
@@ -160,7 +203,7 @@ class AdamW(torch.optim.AdamW):
     def _group_update(self, group: VectorGroup, hp: dict[str, Any]) -> None:
         """AdamW with per-vector step counts over a whole group, in place. A frozen vector (or a
         parameter without gradient) gets a zero ``active`` weight: moments, step and value stay put."""
-        grads = [p.grad for p in group.params]
+        grads = [None if p.grad is None else local(p.grad) for p in group.params]
         if all(g is None for g in grads):
             return
         flat = group.flat()
@@ -174,7 +217,7 @@ class AdamW(torch.optim.AdamW):
         if any(g is None for g in grads):
             present = torch.tensor([g is not None for g in grads], device=flat.device)
             active *= present.repeat_interleave(len(flat) // len(grads)).view(-1, 1, 1)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(group.params, grads)]
+            grads = [torch.zeros_like(local(p)) if g is None else g for p, g in zip(group.params, grads)]
         grad = torch.stack(grads).view_as(flat).mul_(active)  # frozen vectors see zero
         step.add_(active)
         if wd:
@@ -186,3 +229,4 @@ class AdamW(torch.optim.AdamW):
         bc2_sqrt = (1 - beta2 ** t).sqrt().to(flat.dtype)
         denom = torch.sqrt(v, out=grad).div_(bc2_sqrt).add_(eps)  # the gradient's buffer is free again
         flat.addcmul_(torch.div(m, denom, out=denom), step_size, value=-1)
+        group.commit()

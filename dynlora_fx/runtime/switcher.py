@@ -12,6 +12,13 @@ The switcher's state lives in the module (``gm.switch_state`` buffers, next to e
 adapter's bookkeeping buffers) and in ``dl.AdamW``'s state: whatever checkpoints the
 module's and the optimizer's ``state_dict()`` resumes switching bit-identically.
 A new switcher continues from the state the module holds.
+
+On an FSDP2-sharded module (``dl.fully_shard``) each rank switches its own shards: ``W`` and
+``B`` are split on the same rows, so a rank absorbs into its rows of ``W`` with its rows of
+``B`` and generates only its rows of a new column of ``B``; the ``k`` selected rows of ``A``
+(which another rank may hold) and the finiteness of ``B``'s selected columns are summed across
+ranks in one all-reduce per bank and side. Every decision (counts, slots, candidates) comes
+from generators that are identical on every rank, so ranks stay in step.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors
 from ..config import ReLoRA, SwitchLoRA
 from ..errors import StateError
 from ..module import Adapter, DynLoRAModule, SwitchState, device_seed, unwrap
+from ..shards import gathered, is_sharded, local, local_range, sum_across
 from .optim import AdamW, VectorGroup
 from .precision import RESIDUAL, check_weight_dtype, master_dtype, residual_of, update_weight
 from .schedule import expected_switches, relora_lr_multiplier
@@ -63,7 +71,8 @@ class Switcher:
         if missing:
             raise StateError("dl.attach", f"the optimizer does not hold the adapters of {missing[:3]}"
                              f"{' …' if len(missing) > 3 else ''}",
-                             "build the optimizer over the transformed module's parameters: dl.AdamW(gm.parameters())")
+                             "build the optimizer over the transformed module's parameters: dl.AdamW(gm.parameters())"
+                             + (", after dl.fully_shard (sharding replaces the parameters)" if gm.sharded else ""))
         self.config = gm.dynlora_config
         if isinstance(self.config, SwitchLoRA) and not isinstance(optimizer, AdamW):
             raise StateError("dl.attach", f"SwitchLoRA needs per-vector optimizer state, got {type(optimizer).__name__}",
@@ -194,15 +203,17 @@ class Switcher:
                       generated: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Put the candidates into ``bank``'s factors at ``pos`` (n, k) where ``chosen`` and the vectors
         involved are finite; reset the partners' optimizer state. Returns W's factors and the mask of
-        switches done."""
+        switches done. Sharded: this rank's rows of W's factors; A's rows are written by their owner."""
         n, kmax = pos.shape
-        rows, cols = bank.rows, bank.cols
-        A, B = bank.a_group.flat(), bank.b_group.flat()  # (n, r, cols), (n, rows, r)
-        a_idx = pos.unsqueeze(-1).expand(n, kmax, cols)
+        cols = bank.cols
+        A, B = bank.a_group.flat(), bank.b_group.flat()  # (n, r, cols), (n, rows, r): this rank's shards
+        rows = B.shape[1]
         b_idx = pos.unsqueeze(1).expand(n, rows, kmax)
-        a_sel, b_sel = A.gather(1, a_idx), B.gather(2, b_idx)
+        b_sel = B.gather(2, b_idx)
+        a_sel, b_sums, owned, a_pos = bank.selected_rows(A, pos, b_sel)
+        a_idx = a_pos.unsqueeze(-1).expand(n, kmax, cols)
         # both vectors of a slot enter W's update: a NaN/Inf in either skips that switch alone
-        valid = chosen & a_sel.sum(2).add_(b_sel.sum(1)).isfinite()
+        valid = chosen & a_sel.sum(2).add_(b_sums).isfinite()
         new = (bank.candidates(side, cand) if generated is None
                else generated[..., :cols if side == SIDE_A else rows].to(A.dtype))
         rows_ok, cols_ok = valid.unsqueeze(-1), valid.unsqueeze(1)
@@ -210,19 +221,23 @@ class Switcher:
         m = master_dtype(A.dtype)  # factors in W's master dtype: a bf16 difference would round
         if side == SIDE_A:  # W += s · B[:, i] ⊗ (A[i] − c);  A[i] = c;  B[:, i]'s state resets
             factors = torch.where(cols_ok, b_sel.to(m), 0), torch.where(rows_ok, a_sel.to(m) - new.to(m), 0)
-            A.scatter_(1, a_idx, torch.where(rows_ok, new, a_sel))
-            partner, vec_dim, moment_idx = bank.b_group, 2, b_idx
-        else:  # W += s · (B[:, j] − d) ⊗ A[j];  B[:, j] = d;  A[j]'s state resets
+            bank.write_rows(A, a_pos, valid & owned, new, a_idx, a_sel)
+            partner, vec_dim, moment_idx, keep = bank.b_group, 2, b_idx, ~valid
+            step_idx = pos.unsqueeze(1)
+        else:  # W += s · (B[:, j] − d) ⊗ A[j];  B[:, j] = d;  A[j]'s state resets (where this rank holds it)
             new_t = new.transpose(1, 2)
             factors = torch.where(cols_ok, b_sel.to(m) - new_t.to(m), 0), torch.where(rows_ok, a_sel.to(m), 0)
             B.scatter_(2, b_idx, torch.where(cols_ok, new_t, b_sel))
-            partner, vec_dim, moment_idx = bank.a_group, 1, a_idx
-        if self.config.reset_vector_state and isinstance(self.optimizer, AdamW):
+            partner, vec_dim, moment_idx, keep = bank.a_group, 1, a_idx, ~(valid & owned)
+            step_idx = a_pos.unsqueeze(2)
+        bank.a_group.commit()
+        bank.b_group.commit()
+        holds = partner is bank.b_group or bank.slot_hi > bank.slot_lo  # a rank may hold none of A's rows
+        if self.config.reset_vector_state and isinstance(self.optimizer, AdamW) and holds:
             # zero the switched vectors' partners' moments and steps: a product with 0 (reset) or 1
-            # (skipped slot) touches only the k vectors, not the whole state
+            # (skipped slot, or a row another rank holds) touches only the k vectors, not the whole state
             state = self.optimizer.vector_state(partner)
-            keep = (~valid).unsqueeze(3 - vec_dim)  # (n, 1, k) for B's columns, (n, k, 1) for A's rows
-            step_idx = pos.unsqueeze(3 - vec_dim)
+            keep = keep.unsqueeze(3 - vec_dim)  # (n, 1, k) for B's columns, (n, k, 1) for A's rows
             for name, idx in (("exp_avg", moment_idx), ("exp_avg_sq", moment_idx), ("step", step_idx)):
                 state[name].scatter_reduce_(vec_dim, idx, keep.to(state[name].dtype).expand(idx.shape), "prod")
         return factors, valid
@@ -234,11 +249,11 @@ class Switcher:
         for ad in self.adapters:
             weight = self.gm.model.get_parameter(ad.target.weight)
             dtype = master_dtype(weight.dtype)
-            merged = ad.delta(dtype)
+            merged = ad.delta(dtype)  # this rank's rows, when sharded
             ad.reset_parameters(self.seed, self.config.init, round_=self._relora_round)
             # W takes the trained product and gives up the new one (zero for init="lora", whose B is 0),
             # so the function is unchanged across the reset, as after dl.transform
-            update_weight(weight, residual_of(ad, weight), torch.Tensor.add_, merged - ad.delta(dtype))
+            update_weight(local(weight), residual_of(ad, weight), torch.Tensor.add_, merged - ad.delta(dtype))
             for p in (ad.A, ad.B):  # prune the adapters' optimizer state by magnitude
                 for key in ("exp_avg", "exp_avg_sq"):
                     buf = self.optimizer.state.get(p, {}).get(key)
@@ -349,14 +364,15 @@ class Switcher:
 
 
 def _prune_smallest(buf: torch.Tensor, ratio: float) -> None:
-    """Zero the ``ratio`` fraction of entries of smallest magnitude (ReLoRA's state pruning)."""
+    """Zero the ``ratio`` fraction of entries of smallest magnitude (ReLoRA's state pruning); of a
+    sharded state, by the threshold of the whole tensor."""
     n = buf.numel()
     drop = int(round(n * ratio))
     if drop >= n:
-        buf.zero_()
+        local(buf).zero_()
     elif drop > 0:
-        threshold = buf.abs().flatten().kthvalue(drop).values
-        buf.mul_(buf.abs() > threshold)
+        threshold = gathered(buf).abs().flatten().kthvalue(drop).values
+        local(buf).mul_(local(buf).abs() > threshold)
 
 
 def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -396,12 +412,18 @@ class _Bank:
         self.rows, self.cols, self.batch = t.rows, t.cols, t.batch
         self.E = math.prod(t.batch)
         self.GE, self.K = self.E * len(self.adapters), self.adapters[0].num_candidates
+        # this rank's share (everything, unless sharded): A's slots [slot_lo, slot_hi), W's and B's rows
+        first = self.adapters[0]
+        self.sharded = is_sharded(first.A)
+        _, self.slot_lo, self.slot_hi = local_range(first.A) if self.sharded else (0, 0, t.rank)
+        _, self.row_lo, self.row_hi = local_range(first.B) if self.sharded else (0, 0, t.rows)
         self._weights: list[torch.Tensor] | None = None
         self._weight_ptrs: list[int] = []
         self._residuals: list[torch.Tensor | None] = []
         self._weight_views: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.tables: dict[int, torch.Tensor] = {}
-        self.a_group = VectorGroup([ad.A for ad in self.adapters], -2, lambda: self.cohort.a_frozen[self.row_range])
+        self.a_group = VectorGroup([ad.A for ad in self.adapters], -2,
+                                   lambda: self.cohort.a_frozen[self.row_range][:, self.slot_lo:self.slot_hi])
         self.b_group = VectorGroup([ad.B for ad in self.adapters], -1, lambda: self.cohort.b_frozen[self.row_range])
         optimizer.register_vectors(self.a_group)
         optimizer.register_vectors(self.b_group)
@@ -420,12 +442,15 @@ class _Bank:
                 sl = slice(g * self.E, (g + 1) * self.E)
                 ad.register_buffer("stored_a", self.tables[SIDE_A][sl].view(*self.batch, self.K, self.cols),
                                    persistent=False)
-                ad.register_buffer("stored_b", self.tables[SIDE_B][sl].view(*self.batch, self.K, self.rows),
+                ad.register_buffer("stored_b", self.tables[SIDE_B][sl].view(*self.batch, self.K, -1),
                                    persistent=False)
 
     def _generate(self, side: int, index: torch.Tensor) -> torch.Tensor:
-        length = self.cols if side == SIDE_A else self.rows
-        return self.cohort.vectors(side, index, self.row_range, length, self.p_dtype)
+        """Candidates ``index`` in full (A's rows), or this rank's rows of them (B's columns)."""
+        if side == SIDE_A:
+            return self.cohort.vectors(side, index, self.row_range, self.cols, self.p_dtype)
+        return self.cohort.vectors(side, index, self.row_range, self.row_hi - self.row_lo, self.p_dtype,
+                                   start=self.row_lo)
 
     def candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
         table = self.tables.get(side)
@@ -433,17 +458,53 @@ class _Bank:
             return self._generate(side, index)
         return table.gather(1, index.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
 
+    def selected_rows(self, A: torch.Tensor, pos: torch.Tensor, b_sel: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For slots ``pos`` (n, k): A's rows in full (n, k, cols), the sums of B's selected columns
+        ``b_sel`` (n, rows, k) over all rows (n, k), which of the rows this rank holds (n, k), and
+        their positions in its shard ``A`` (clamped where it holds none). Sharded, the rows and
+        sums come from one all-reduce: each row from its owner, zeros from the others, exactly."""
+        n, k = pos.shape
+        if not self.sharded:
+            return A.gather(1, pos.unsqueeze(-1).expand(n, k, self.cols)), b_sel.sum(1), \
+                torch.ones_like(pos, dtype=torch.bool), pos
+        held = self.slot_hi - self.slot_lo
+        owned = (pos >= self.slot_lo) & (pos < self.slot_hi)
+        a_pos = (pos - self.slot_lo).clamp(0, max(held - 1, 0))
+        if held:
+            rows = torch.where(owned.unsqueeze(-1), A.gather(1, a_pos.unsqueeze(-1).expand(n, k, self.cols)), 0)
+        else:
+            rows = A.new_zeros(n, k, self.cols)
+        both = sum_across(torch.cat([rows.flatten(), b_sel.sum(1).flatten()]), self.adapters[0].A)
+        return both[:rows.numel()].view(rows.shape), both[rows.numel():].view(n, k), owned, a_pos
+
+    def write_rows(self, A: torch.Tensor, a_pos: torch.Tensor, write: torch.Tensor, new: torch.Tensor,
+                   a_idx: torch.Tensor, current: torch.Tensor) -> None:
+        """``A[a_pos] = new`` where ``write`` (n, k), in this rank's shard ``A`` (n, r, cols);
+        ``current`` holds the rows' values now."""
+        if not self.sharded:  # positions are distinct: one scatter
+            A.scatter_(1, a_idx, torch.where(write.unsqueeze(-1), new, current))
+            return
+        held = A.shape[1]
+        if not held:
+            return
+        # rows this rank does not hold were clamped onto rows it does: pick each held row's writer instead
+        hit = (a_pos.unsqueeze(-1) == torch.arange(held, device=A.device)) & write.unsqueeze(-1)  # (n, k, r)
+        source = hit.to(torch.uint8).argmax(1, keepdim=True).transpose(1, 2)  # (n, r, 1)
+        A.copy_(torch.where(hit.any(1).unsqueeze(-1), new.gather(1, source.expand(-1, -1, self.cols)), A))
+
     def weight_views(self, gm: DynLoRAModule) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Each adapter's W as a (rows, cols) matrix, or (E, rows, cols) for stacked experts, with its
-        residual viewed alike (None where W is its own master: see runtime/precision.py); cached
-        while the weights and residuals keep their storage."""
-        if self._weights is None or any(w.data_ptr() != ptr for w, ptr in zip(self._weights, self._weight_ptrs)) \
+        """Each adapter's W as a (rows, cols) matrix, or (E, rows, cols) for stacked experts (this
+        rank's rows, when sharded), with its residual viewed alike (None where W is its own master:
+        see runtime/precision.py); cached while the weights and residuals keep their storage."""
+        if self._weights is None or any(local(w).data_ptr() != ptr for w, ptr in zip(self._weights, self._weight_ptrs)) \
                 or any(ad._buffers.get(RESIDUAL) is not r for ad, r in zip(self.adapters, self._residuals)):
             self._weights = [gm.model.get_parameter(ad.target.weight) for ad in self.adapters]
-            self._weight_ptrs = [w.data_ptr() for w in self._weights]
+            self._weight_ptrs = [local(w).data_ptr() for w in self._weights]
             self._residuals = [residual_of(ad, w) for ad, w in zip(self.adapters, self._weights)]
-            shape = (self.rows, self.cols) if self.E == 1 else (self.E, self.rows, self.cols)
-            self._weight_views = [(w.detach().view(shape), None if r is None else r.view(shape))
+            rows = self.row_hi - self.row_lo
+            shape = (rows, self.cols) if self.E == 1 else (self.E, rows, self.cols)
+            self._weight_views = [(local(w).detach().view(shape), None if r is None else r.view(shape))
                                   for w, r in zip(self._weights, self._residuals)]
         return self._weight_views
 
@@ -504,13 +565,15 @@ class _Cohort:
             bank.restack(self.stored)
 
     def vectors(self, side: int, index: torch.Tensor, rows: slice, length: int,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Candidates ``index`` (n, k) of the stacked matrices ``rows``, regenerated from their keys."""
+                dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+        """Entries ``start .. start+length`` of candidates ``index`` (n, k) of the stacked matrices
+        ``rows``, regenerated from their keys."""
         return candidate_vectors(candidate_keys(self.base[rows], side, index), length, self.bounds[side][rows],
-                                 dtype=dtype)
+                                 dtype=dtype, start=start)
 
     def generate(self, side: int, cand: torch.Tensor) -> torch.Tensor | None:
-        """Seeded candidates ``cand`` (N, k) of every row at the longest length; None when stored."""
-        if self.stored:
+        """Seeded candidates ``cand`` (N, k) of every row at the longest length; None when stored
+        or sharded (each bank then generates its own rows)."""
+        if self.stored or any(bank.sharded for bank in self.banks):
             return None
         return self.vectors(side, cand, slice(None), self.longest[side])

@@ -1,14 +1,20 @@
-"""Rewrite pass: run each region of the graph under ``torch.utils.checkpoint``.
+"""Rewrite pass: outline each region of the graph into a module call of its own.
 
 Each :class:`~dynlora_fx.passes.regions.Region` becomes one ``call_module`` to a
-:class:`CheckpointedRegion` whose body is the region's own subgraph, reading the same
-shared state (``model``, ``adapters``, ``constants``) by ``get_attr``. The body runs under
-torch's non-reentrant checkpoint (RNG state preserved, so dropout recomputes the same
-mask); only the region's inputs are kept for backward.
+:class:`BlockRegion` whose body is the region's own subgraph, reading the same shared
+state (``model``, ``adapters``, ``constants``) by ``get_attr``. A region is the unit both
+scale features work on:
+
+- activation checkpointing (``recompute=True``): the body runs under torch's non-reentrant
+  checkpoint (RNG state preserved, so dropout recomputes the same mask); only the region's
+  inputs are kept for backward;
+- FSDP2 (``dl.fully_shard``): the body runs inside a forward method of the block's FSDP
+  unit, so torch's own hooks gather the block's ``W``, ``A``, ``B`` before it and free them
+  after it (and again around its backward).
 
 Computations that depend on parameters alone and feed one region — the weight-space
 adapter's ``W + s·B·A``, weight reshapes — move into that region, so they are recomputed
-in backward instead of being held from forward to backward.
+in backward instead of being held from forward to backward, and read gathered weights.
 """
 
 from __future__ import annotations
@@ -25,36 +31,49 @@ from torch.utils.checkpoint import checkpoint
 from ..capture import graph_module
 from .regions import Region, RegionPlan, parameter_only
 
-__all__ = ["CheckpointedRegion", "checkpoint_regions", "region_bodies"]
+__all__ = ["BlockRegion", "outline_regions", "region_modules", "region_bodies"]
 
 REGIONS_ATTR = "regions"
 
 
-class CheckpointedRegion(nn.Module):
-    """One block of the graph, run under ``torch.utils.checkpoint`` (non-reentrant). ``body`` is
-    a GraphModule whose attributes are the transformed module's shared state trees."""
+class BlockRegion(nn.Module):
+    """One block of the graph as a module call. ``body`` is a GraphModule whose attributes are the
+    transformed module's shared state trees; ``recompute`` runs it under ``torch.utils.checkpoint``
+    (non-reentrant), and a ``unit`` (set by ``dl.fully_shard``: the block's FSDP module, whose
+    ``run_block(fn, *args)`` is registered as an FSDP forward method) runs it between FSDP's
+    pre- and post-forward hooks. The unit is not a registered submodule: its state is the shared
+    state, which the module tree already holds once."""
 
-    def __init__(self, body: fx.GraphModule, block: str):
+    def __init__(self, body: fx.GraphModule, block: str, recompute: bool):
         super().__init__()
         self.body = body
         self.block = block
+        self.recompute = recompute
+        self.__dict__["unit"] = None
+
+    def _run(self, *args: Any) -> Any:
+        if self.recompute:
+            return checkpoint(self.body, *args, use_reentrant=False)
+        return self.body(*args)
 
     def forward(self, *args: Any) -> Any:
-        return checkpoint(self.body, *args, use_reentrant=False)
+        unit = self.__dict__["unit"]
+        return self._run(*args) if unit is None else unit.run_block(self._run, *args)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointedRegion:
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockRegion:
         # fx's GraphModule deepcopy would rebuild a private skeleton of the state it reads; the copy
         # must read the copied shared trees instead (already in ``memo`` when a DynLoRAModule is copied).
+        # A copy is never sharded: the unit stays with the original.
         attrs = {name: copy.deepcopy(mod, memo) for name, mod in self.body._modules.items()}
-        new = CheckpointedRegion(graph_module(copy.deepcopy(self.body.graph, memo), attrs), self.block)
+        new = BlockRegion(graph_module(copy.deepcopy(self.body.graph, memo), attrs), self.block, self.recompute)
         memo[id(self)] = new
         return new
 
     def extra_repr(self) -> str:
-        return f"block={self.block}"
+        return f"block={self.block}, recompute={self.recompute}, sharded={self.__dict__['unit'] is not None}"
 
 
-def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: str) -> None:
+def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: str, recompute: bool) -> None:
     inside = set(region.nodes)
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -88,7 +107,7 @@ def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: s
     body.output(tuple(env[n] for n in outputs))
 
     attrs = {k: m for k, m in gm._modules.items() if k != REGIONS_ATTR}
-    getattr(gm, REGIONS_ATTR).add_module(name, CheckpointedRegion(graph_module(body, attrs), region.block))
+    getattr(gm, REGIONS_ATTR).add_module(name, BlockRegion(graph_module(body, attrs), region.block, recompute))
     graph = gm.graph
     with graph.inserting_before(region.nodes[0]):
         call = graph.call_module(f"{REGIONS_ATTR}.{name}", tuple(inputs))
@@ -100,16 +119,17 @@ def _extract(gm: fx.GraphModule, region: Region, constant: set[fx.Node], name: s
         graph.erase_node(node)
 
 
-def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
+def outline_regions(gm: fx.GraphModule, plan: RegionPlan, recompute: bool) -> fx.GraphModule:
     """Mutates and returns ``gm``: every region of ``plan`` (found on this ``gm``) runs as one
-    checkpointed call. Parameter-only computations that fed a region move into it."""
+    :class:`BlockRegion` call, recomputed in backward if ``recompute``. Parameter-only
+    computations that fed a region move into it."""
     if not plan.regions:
         return gm
     if not hasattr(gm, REGIONS_ATTR):
         gm.add_module(REGIONS_ATTR, nn.Module())
     constant = parameter_only(gm.graph)
     for region in plan.regions:
-        _extract(gm, region, constant, region.block.replace(".", "_"))
+        _extract(gm, region, constant, region.block.replace(".", "_"), recompute)
     # drop the parameter-only nodes now computed inside regions alone; not a general dead-code pass,
     # which would also drop in-place updates whose result goes unused (a counter's add_)
     for node in reversed(list(gm.graph.nodes)):
@@ -120,7 +140,12 @@ def checkpoint_regions(gm: fx.GraphModule, plan: RegionPlan) -> fx.GraphModule:
     return gm
 
 
-def region_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
-    """The subgraphs of ``gm``'s checkpointed regions (passes that rewrite every graph visit these too)."""
+def region_modules(gm: fx.GraphModule) -> list[BlockRegion]:
+    """``gm``'s outlined regions, in graph order of creation."""
     regions = getattr(gm, REGIONS_ATTR, None)
-    return [] if regions is None else [m.body for m in regions.children() if isinstance(m, CheckpointedRegion)]
+    return [] if regions is None else [m for m in regions.children() if isinstance(m, BlockRegion)]
+
+
+def region_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The subgraphs of ``gm``'s regions (passes that rewrite every graph visit these too)."""
+    return [m.body for m in region_modules(gm)]

@@ -1,0 +1,226 @@
+"""FSDP2 for transformed modules: ``dl.fully_shard``, and the full module back from its shards.
+
+torch's ``fully_shard`` gathers a module's parameters in that module's forward hooks, but the
+captured graph reads every weight by attribute and never calls the model's blocks. So each
+repeated block is outlined as a region of every graph (``passes/outline.py``, the partition
+activation checkpointing uses too); the block's model module and its adapter subtree are
+sharded together as one FSDP unit, whose ``run_block`` is registered as an FSDP forward method
+(``register_fsdp_forward_method``); and the region runs its body through it. torch's own hooks
+then gather the block's ``W``, ``A``, ``B`` before the block, free them after it, gather them
+again for its backward and reduce-scatter its gradients. Frozen ``W`` has no gradient, so it is
+gathered but never reduced. Everything outside the blocks is sharded at the root.
+
+Switching then runs on each rank's shards (``runtime/switcher.py``, ``shards.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard as torch_fully_shard
+from torch.distributed.tensor import Shard
+
+from .errors import DynLoRAError
+from .module import AdapterTree, DynLoRAModule
+from .passes import find_regions, outline_regions, region_modules, repeated_blocks
+from .shards import gathered
+
+__all__ = ["fully_shard", "is_sharded", "unsharded_copy"]
+
+_TEMPLATE = "_unsharded_template"  # a meta-device copy of the module before sharding (for merge)
+
+
+def is_sharded(gm: DynLoRAModule) -> bool:
+    return isinstance(gm, FSDPModule)
+
+
+def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
+                mp_policy: MixedPrecisionPolicy | None = None,
+                offload_policy: OffloadPolicy | None = None) -> DynLoRAModule:
+    """Shard a transformed module in place with torch's FSDP2 and return it.
+
+    Each repeated block of the model (with its adapters) becomes one FSDP unit, gathered only
+    while the block runs; the rest is sharded at the root. Call it on every rank, after
+    ``torch.distributed.init_process_group`` and before building the optimizer and ``dl.attach``.
+    ``mesh`` (default: all ranks) must be one-dimensional over the whole process group.
+    ``mp_policy`` is FSDP2's ``MixedPrecisionPolicy``: keep parameters fp32 (switching then
+    absorbs into fp32 shards exactly) and set ``param_dtype=torch.bfloat16`` for bf16 compute.
+    """
+    gm = _check_shardable(module)
+    mesh = _check_mesh(gm, mesh)
+    blocks = _unit_blocks(gm)
+    gm.__dict__[_TEMPLATE] = _meta_copy(gm)
+    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm)}
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    if offload_policy is not None:
+        options["offload_policy"] = offload_policy
+    for block, regions in blocks.items():
+        tree = _adapter_tree(gm, block)
+        torch_fully_shard([gm.model.get_submodule(block), tree], reshard_after_forward=reshard_after_forward,
+                          **options)
+        register_fsdp_forward_method(tree, "run_block")
+        for region in regions:
+            region.__dict__["unit"] = tree
+    torch_fully_shard(gm, **options)
+    gm.sharded = tuple(blocks)
+    return gm
+
+
+def _check_shardable(module: nn.Module) -> DynLoRAModule:
+    if isinstance(module, FSDPModule) and isinstance(module, DynLoRAModule):
+        raise DynLoRAError("dl.fully_shard", "the module is already sharded",
+                           "call dl.fully_shard once per module")
+    if not isinstance(module, DynLoRAModule):
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if isinstance(inner, DynLoRAModule):
+            raise DynLoRAError(f"dl.fully_shard({type(module).__name__})", "the transformed module is wrapped "
+                               "(torch.compile or DDP)", "shard the module dl.transform returned, then compile it")
+        raise DynLoRAError(f"dl.fully_shard({type(module).__name__})", "the module was not produced by dl.transform",
+                           "transform first: dl.fully_shard(dl.transform(model, example_inputs, config)); for a plain "
+                           "model use torch.distributed.fsdp.fully_shard")
+    if not dist.is_available() or not dist.is_initialized():
+        raise DynLoRAError("dl.fully_shard", "no default process group",
+                           "call torch.distributed.init_process_group first (e.g. under torchrun)")
+    if module.switch_state.owner() is not None:
+        raise DynLoRAError("dl.fully_shard", "a switcher is already attached: its optimizer holds the unsharded "
+                           "parameters, which sharding replaces",
+                           "call dl.fully_shard first, then build dl.AdamW(gm.parameters()) and dl.attach")
+    for ad in module.iter_adapters():
+        weight = module.model.get_parameter(ad.target.weight)
+        if weight.dtype == torch.bfloat16:
+            raise DynLoRAError(ad.target.weight, "the weight is bfloat16: under FSDP2 the fp32 shard is what keeps "
+                               "switching exact",
+                               "keep the model in float32 and pass mp_policy=MixedPrecisionPolicy("
+                               "param_dtype=torch.bfloat16) to dl.fully_shard for bf16 compute")
+    return module
+
+
+def _check_mesh(gm: DynLoRAModule, mesh: DeviceMesh | None) -> DeviceMesh:
+    first = next(gm.parameters())
+    device_type = first.device.type
+    world = dist.get_world_size()
+    if mesh is None:
+        return init_device_mesh(device_type, (world,))
+    if not isinstance(mesh, DeviceMesh):
+        raise DynLoRAError("dl.fully_shard mesh", f"expected a DeviceMesh, got {type(mesh).__name__}",
+                           "pass mesh=torch.distributed.device_mesh.init_device_mesh(device_type, (world_size,))")
+    if mesh.ndim != 1 or mesh.size() != world:
+        raise DynLoRAError("dl.fully_shard mesh", f"the mesh has shape {tuple(mesh.shape)} but the process group "
+                           f"has {world} ranks: switching needs every rank of the group in one shard dimension",
+                           f"pass init_device_mesh('{device_type}', ({world},)), or leave mesh=None")
+    if mesh.device_type != device_type:
+        raise DynLoRAError("dl.fully_shard mesh", f"the mesh is on {mesh.device_type} but the module's parameters "
+                           f"are on {device_type}", "move the module to the mesh's device first, or pass a mesh "
+                           "of the parameters' device type")
+    return mesh
+
+
+def _unit_blocks(gm: DynLoRAModule) -> dict[str, list[Any]]:
+    """The repeated blocks that can be FSDP units, each with its region module in every graph.
+    Blocks are outlined where needed (a checkpointed region is reused). A block is not a unit
+    when some graph cannot outline it or reads its state outside its region; a warning says why."""
+    candidates = repeated_blocks(gm.model)
+    graphs = gm._unique_graphs()
+    skipped: dict[str, str] = {}
+    for graph in graphs:
+        have = {r.block for r in region_modules(graph)}
+        plan = find_regions(graph, [b for b in candidates if b not in have], recompute=False)
+        outline_regions(graph, plan, recompute=False)
+        for block, reason in plan.skipped:
+            skipped.setdefault(block, reason)
+    by_block: dict[str, list[Any]] = {b: [] for b in candidates}
+    for graph in graphs:
+        for region in region_modules(graph):
+            if region.block in by_block:
+                by_block[region.block].append(region)
+    units = {}
+    for block in candidates:
+        if block in skipped:
+            continue
+        if len(by_block[block]) != len(graphs):
+            skipped[block] = "not every mode's graph runs it as one region"
+            continue
+        outside = _read_outside(gm, graphs, block)
+        if outside:
+            skipped[block] = f"{outside} is read outside the block (a tied weight)"
+            continue
+        units[block] = by_block[block]
+    if skipped:
+        listed = "; ".join(f"{b}: {why}" for b, why in list(skipped.items())[:3])
+        warnings.warn(f"dynlora: {len(skipped)} block(s) are sharded with the root instead of as their own FSDP "
+                      f"unit, so they are gathered for the whole forward ({listed})", RuntimeWarning, stacklevel=3)
+    return units
+
+
+def _read_outside(gm: DynLoRAModule, graphs: list[Any], block: str) -> str | None:
+    """The first state of ``block`` some graph reads outside the block's region, or None."""
+    prefixes = (f"model.{block}.", f"adapters.{block}.")
+    for graph in graphs:
+        bodies = [graph] + [r.body for r in region_modules(graph) if r.block != block]
+        for body in bodies:
+            for node in body.graph.nodes:
+                if node.op == "get_attr" and str(node.target).startswith(prefixes):
+                    return str(node.target)
+    names: dict[int, str] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        inside = name.startswith(prefixes)
+        if id(p) in names and (names[id(p)].startswith(prefixes) != inside):
+            return name if inside else names[id(p)]
+        names.setdefault(id(p), name)
+    return None
+
+
+def _adapter_tree(gm: DynLoRAModule, block: str) -> AdapterTree:
+    """The module holding ``block``'s adapters (created empty for a block without any)."""
+    tree = gm.adapters
+    for part in block.split("."):
+        if not hasattr(tree, part):
+            tree.add_module(part, AdapterTree())
+        tree = getattr(tree, part)
+    return tree
+
+
+def _placements(gm: DynLoRAModule):
+    """FSDP2 shards on dim 0 by default. A stacked expert weight ``(*batch, m, n)`` and its factors
+    are sharded on the matrix rows (``W``, ``B``) and slots (``A``) instead, as plain ones are, so
+    each rank switches its rows of every expert."""
+    dims = {}
+    for ad in gm.iter_adapters():
+        if ad.target.batch:
+            d = len(ad.target.batch)
+            for p in (gm.model.get_parameter(ad.target.weight), ad.A, ad.B):
+                dims[id(p)] = d
+    if not dims:
+        return None
+    return lambda p: Shard(dims[id(p)]) if id(p) in dims else None
+
+
+def _meta_copy(gm: DynLoRAModule) -> DynLoRAModule:
+    """A copy of ``gm`` whose tensors are on the meta device (no memory): the skeleton a merge
+    fills with the gathered state."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy.deepcopy(gm, memo)
+
+
+@torch.no_grad()
+def unsharded_copy(gm: DynLoRAModule) -> DynLoRAModule:
+    """The whole module, unsharded, on every rank (a collective: every rank must call it): the
+    module as it was before ``dl.fully_shard``, holding the sharded module's current state."""
+    template = gm.__dict__[_TEMPLATE]
+    state = {k: gathered(v) for k, v in gm.state_dict().items()}
+    device = next(iter(state.values())).device
+    out = copy.deepcopy(template).to_empty(device=device)
+    out.load_state_dict(state)
+    return out

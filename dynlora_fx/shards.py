@@ -1,0 +1,77 @@
+"""Local shards of FSDP2-sharded tensors, as the runtime reads and writes them.
+
+``dl.fully_shard`` leaves every parameter a ``DTensor`` sharded on one dim (``Shard(d)``, the
+rows of ``W`` and ``B`` and the slots of ``A`` for adapted weights). The runtime works on each
+rank's local shard in place — the local tensor is FSDP's own storage, so what it writes is
+what the next all-gather sends — and crosses ranks only where a switch needs a vector another
+rank holds. For an unsharded tensor every helper is the identity (the whole tensor is "local"),
+so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+__all__ = ["is_sharded", "local", "local_range", "gathered", "sum_across", "assign", "shard_like"]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (its storage, not a copy): the local shard of a DTensor, else ``t``."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def local_range(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(dim, start, stop)``: the global index range along the sharded dim this rank holds
+    (``torch.chunk``'s split, which FSDP2 uses); ``(0, 0, size(0))`` for an unsharded tensor."""
+    if not isinstance(t, DTensor):
+        return 0, 0, t.shape[0] if t.dim() else 0
+    (placement,) = t.placements
+    if not isinstance(placement, Shard):
+        return 0, 0, t.shape[0]
+    dim, size = placement.dim, t.shape[placement.dim]
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return dim, start, min(start + chunk, size)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t`` on every rank (an all-gather for a DTensor: a collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def sum_across(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` in place over the ranks ``like`` is sharded on (a no-op when it is not sharded);
+    a value held by one rank and zeros elsewhere arrive exactly on every rank."""
+    if isinstance(like, DTensor):
+        dist.all_reduce(t, group=like.device_mesh.get_group())
+    return t
+
+
+@torch.no_grad()
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)`` for a whole-tensor ``value``: each rank copies its own slice."""
+    dim, start, stop = local_range(param)
+    local(param).copy_(value.narrow(dim, start, stop - start) if is_sharded(param) else value)
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor, replicate: bool = False) -> torch.Tensor:
+    """``value`` (this rank's part of a tensor shaped and sharded like ``param``, or a copy held by
+    every rank if ``replicate``) as a DTensor on ``param``'s mesh, sharing ``value``'s storage, so a
+    checkpoint saves and loads it per rank; ``value`` itself for an unsharded ``param``."""
+    if not isinstance(param, DTensor):
+        return value
+    if replicate:
+        return DTensor.from_local(value, param.device_mesh, [Replicate()], run_check=False)
+    dim, start, stop = local_range(param)
+    shape = list(value.shape)
+    shape[dim] = param.shape[dim]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
