@@ -5,16 +5,31 @@
 ``model_inputs(batch)`` (default: ``batch[0]``) and ``val_batches()``.
 Results go to stdout, diagnostics and progress to stderr; a known error is one line
 and exit code 1 (a traceback only with ``--debug``), a usage error exit code 2.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1; also ``python -m dynlora_fx.cli``) the run is data
+parallel: the process group comes from torchrun's environment (gloo; nccl as well for CUDA
+tensors), the transformed module is wrapped in DDP, or sharded with ``dl.fully_shard``
+(FSDP2) under ``--shard``, and each rank trains on its own slice of every global batch
+``batches()`` yields. Only rank 0 prints and writes files; the numbers are the global
+batch's, as a single process would report them. ``--shard`` without torchrun is a 1-rank
+FSDP2 run in a local gloo group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
+import io
 import json
+import os
+import shutil
+import socket
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -80,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing per block: auto follows the model's own, on: every repeated block")
     t.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    d = p.add_argument_group("distributed (run under torchrun: torchrun --nproc-per-node N -m dynlora_fx.cli ...)")
+    d.add_argument("--shard", action="store_true",
+                   help="shard the model with FSDP2 (dl.fully_shard) instead of replicating it with DDP; "
+                        "without torchrun a 1-rank FSDP2 run")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write generated code, weights (safetensors), config and checkpoints")
     o.add_argument("--onnx", metavar="PATH", help="export the merged model to ONNX")
@@ -167,35 +186,184 @@ def build_report(model: nn.Module, gm: DynLoRAModule) -> dict[str, Any]:
     }
 
 
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if _env_rank() == 0:
+        args = parser.parse_args(argv)
+    else:  # usage errors, --help and --version: printed once, by rank 0
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            args = parser.parse_args(argv)
     return run(args)
+
+
+@dataclass
+class Dist:
+    """This process's place in a data-parallel CLI run (rank 0 of 1 outside one)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # the CLI initialised the process group (and destroys it)
+
+    @property
+    def on(self) -> bool:
+        return self.owned or self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, shard: bool) -> "Dist":
+        """Join torchrun's process group (WORLD_SIZE > 1), or a 1-rank local one for ``--shard``."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # a caller's own group: use it, leave it alone
+            return cls(dist.get_rank(), dist.get_world_size(), False)
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        except ValueError:
+            raise DynLoRAError("WORLD_SIZE", f"{os.environ['WORLD_SIZE']!r} is not a number",
+                               "launch with torchrun --nproc-per-node N, which sets it") from None
+        if world <= 1 and not shard:
+            return cls()
+        if not dist.is_available():
+            raise DynLoRAError("torch.distributed", "this torch build has no distributed support",
+                               "install a torch build with torch.distributed, or run without torchrun/--shard")
+        if world <= 1:  # --shard alone: FSDP2 over a 1-rank group on this machine
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+            if var not in os.environ:
+                raise DynLoRAError(f"WORLD_SIZE={world}", f"{var} is not set",
+                                   "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ..., which "
+                                   "sets RANK, MASTER_ADDR and MASTER_PORT")
+        # the CLI trains on the CPU (gloo); CUDA tensors, where there are any, go through nccl
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        try:
+            dist.init_process_group(backend)
+        except Exception as exc:  # noqa: BLE001
+            raise DynLoRAError(f"process group ({backend}, WORLD_SIZE={world})",
+                               f"initialisation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                               "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ...") from None
+        return cls(dist.get_rank(), dist.get_world_size(), True)
+
+    # -- the end of a run: every rank reports through the store, then the group goes --------
+    def _store(self) -> Any:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+
+    def finish(self, error: str | None, grace: float = 10.0) -> bool:
+        """Tell the other ranks how this one ended (``error``: its one-line message, or None) and wait
+        for theirs; when all have ended, barrier and destroy the group this CLI created. A failed rank
+        waits ``grace`` seconds at most (its peers may be stuck in a collective it left: it then
+        exits, and torchrun stops them). True when rank 0 failed too, so this rank need not print."""
+        import torch.distributed as dist
+
+        if not self.on:
+            return False
+        try:
+            store = self._store()
+            store.set(f"dynlora-cli/end/{self.rank}", "error" if error else "ok")
+            keys = [f"dynlora-cli/end/{r}" for r in range(self.world)]
+            deadline = time.monotonic() + (grace if error else 3600.0)
+            while not store.check(keys) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            everyone = store.check(keys)
+            main_failed = store.check([keys[0]]) and store.get(keys[0]) == b"error"
+        except Exception:  # noqa: BLE001 - the store went away: torchrun is tearing the job down
+            return False
+        if everyone and self.owned:
+            try:
+                dist.barrier()  # no rank tears gloo down while a peer is still in a collective
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+        return main_failed
+
+    def peer_failed(self) -> bool:
+        """Whether another rank has reported an error (a collective this rank was in then breaks)."""
+        if not self.on:
+            return False
+        try:
+            store = self._store()
+            others = [f"dynlora-cli/end/{r}" for r in range(self.world) if r != self.rank]
+            return any(store.check([k]) and store.get(k) == b"error" for k in others)
+        except Exception:  # noqa: BLE001
+            return True  # the store is gone: the job is being torn down
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int:
     from .console import make_console
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    out, err = make_console(stdout), make_console(stderr)
     try:
-        return _run(args, out, err)
-    except DynLoRAError as exc:
+        ctx = Dist.start(args.shard)
+    except DynLoRAError as exc:  # every rank fails alike here: rank 0 says so
         if args.debug:
             raise
-        print(f"dynlora-transform: error: {exc}", file=stderr)
+        if _env_rank() == 0:
+            print(f"dynlora-transform: error: {exc}", file=stderr)
         return 1
-    except KeyboardInterrupt:  # outside training (which handles its own): nothing written yet
-        if args.debug:
+    if not ctx.main:  # only rank 0 prints: the others write to nowhere, warnings included
+        stdout = stderr = io.StringIO()
+        warnings.simplefilter("ignore")
+    out, err = make_console(stdout), make_console(stderr)
+    error, code = None, 1
+    try:
+        code = _run(args, out, err, ctx)
+    except DynLoRAError as exc:
+        if args.debug and not ctx.on:
             raise
-        print("dynlora-transform: interrupted", file=stderr)
-        return 130
+        error = f"dynlora-transform: error: {exc}"
+        if ctx.main or not ctx.on:
+            print(error, file=stderr)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc(file=stderr)
+    except KeyboardInterrupt:  # outside training (which handles its own): nothing written yet
+        if args.debug and not ctx.on:
+            raise
+        error, code = "dynlora-transform: interrupted", 130
+        print(error, file=stderr)
+    except Exception:
+        # a collective broken because another rank failed (and said so): that rank's message is the one
+        if ctx.on and ctx.peer_failed():
+            error = "a peer failed"
+            ctx.finish(error, grace=0.0)
+            return 1
+        if ctx.on:
+            ctx.finish("internal error", grace=0.0)
+        raise
+    if ctx.on:
+        main_failed = ctx.finish(error)
+        if error and not ctx.main and not main_failed:  # a failure of this rank alone: it reports it
+            print(error.replace("error: ", f"error: rank {ctx.rank}: ", 1), file=sys.stderr)
+    return code
 
 
-def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
+def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Dist | None = None) -> int:
+    ctx = ctx or Dist()
     t0 = time.perf_counter()
     from .checkpoint import ensure_parent, ensure_writable_dir
 
-    if args.out:  # fail on a bad path now, not after training
+    if args.out:  # fail on a bad path now, not after training (every rank checks: every rank fails alike)
         ensure_writable_dir(args.out, "--out")
     for flag, value in (("--onnx", args.onnx), ("--json", args.json)):
         if value:
@@ -203,13 +371,23 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     if args.resume and not args.out:
         raise DynLoRAError("--resume", "it needs the --out folder the checkpoint was written to",
                            "pass --out DIR together with --resume")
+    if ctx.on and args.shard and args.train:
+        if args.compile:
+            raise DynLoRAError("--compile --shard", "the CLI does not compile FSDP2-sharded modules",
+                               "drop --compile, or drop --shard (DDP compiles)")
+        if args.precision == "bf16":
+            raise DynLoRAError("--precision bf16 --shard", "FSDP2 keeps switching exact in fp32 shards, not in "
+                               "bf16 parameters", "use --precision bf16-autocast (fp32 parameters, bf16 compute)")
     config = _config(args)
     user = load_model_file(args.model_file)
     path = args.model_file
+    torch.manual_seed(args.seed)  # build_model() and batches() drawing from the global RNG: the same on every rank
     model = _call(user, "build_model", path)
     if not isinstance(model, nn.Module):
         raise DynLoRAError(f"{path}: build_model()", f"returned {type(model).__name__}, not an nn.Module",
                            "return the model object")
+    if ctx.world > 1:
+        _broadcast_module(model)  # every rank transforms the same model
     example = _call(user, "example_inputs", path)
     kwargs = _call(user, "example_kwargs", path) if hasattr(user, "example_kwargs") else {}
     example = example if isinstance(example, tuple) else (example,)
@@ -221,9 +399,11 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     report = build_report(model, gm)
     report["transform_seconds"] = round(time.perf_counter() - t0, 3)
     report["precision"], report["checkpointed"] = args.precision, list(gm.checkpointed)
+    if ctx.on:
+        report["distributed"] = {"world_size": ctx.world, "mode": "fsdp2" if args.shard else "ddp"}
     _print_plan(out, report)  # the plan first: training may take a while
     if args.dry_run:
-        _print_report(out, report, args.json)
+        _print_report(out, report, args.json if ctx.main else None)
         return 0
 
     model.eval()
@@ -234,26 +414,50 @@ def _run(args: argparse.Namespace, out: Any, err: Any) -> int:
     report["equivalence"] = {"max_rel_error": error, "ok": error < (5e-2 if args.precision == "bf16" else 1e-4)}
 
     code = 0
+    sharded = False
     if args.train:
-        code = _train(args, user, model, gm, report, err)
-    if args.onnx and code == 0:
+        code = _train(args, user, model, gm, report, err, ctx)
+        sharded = ctx.on and args.shard
+    if sharded and code == 0 and (args.onnx or args.out):
+        from .distributed import unsharded_copy
+
+        gm = unsharded_copy(gm)  # collective: the whole transformed module (trained state) on every rank
+    if args.onnx and code == 0 and ctx.main:
         from .export import export_onnx
 
         err.print("[dim]merging and exporting ONNX…[/]")
         rep = export_onnx(gm, example, args.onnx, example_kwargs=kwargs)
         report["onnx"] = {"path": rep.path, "dynamic_batch": rep.dynamic_batch, "max_rel_error": rep.max_rel_error,
                           "unchecked": rep.unchecked}
-    if args.out and code == 0:
+    if args.out and code == 0 and ctx.main:  # replicas are equal, a sharded module was gathered: rank 0 writes
         from .checkpoint import write_bundle
 
         report["written"] = write_bundle(args.out, gm, {"config": config.to_dict(), "capture": gm.capture_method,
                                                         "adapters": report["adapters"]})
-    _print_report(out, report, args.json)
+    _print_report(out, report, args.json if ctx.main else None)
     if not report["equivalence"]["ok"]:
         print(f"dynlora-transform: error: {path}: the transformed model differs from the original "
               f"(max rel. error {error:.2e}). Remedy: report this model; rerun with --debug", file=err.file)
         return 1
     return code
+
+
+def _broadcast_module(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (a build_model() that is not seeded, or draws
+    from another generator, would otherwise give each rank its own model)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in model.state_dict(keep_vars=True).values():
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            t = t.data if isinstance(t, nn.Parameter) else t
+            if t.is_contiguous():
+                dist.broadcast(t, 0)
+            else:
+                tmp = t.contiguous()
+                dist.broadcast(tmp, 0)
+                t.copy_(tmp)
 
 
 def _print_plan(out: Any, report: dict[str, Any]) -> None:
@@ -279,13 +483,43 @@ def _write_json(path: str | None, report: dict[str, Any]) -> None:
                                "pass a path in a writable folder") from None
 
 
+def _parallel(module: nn.Module, blocks_of: nn.Module, args: argparse.Namespace, ctx: Dist, mesh: Any,
+              adapted: bool) -> nn.Module:
+    """What the training loop calls: ``module`` as it is (one process), compiled on request; under
+    torchrun wrapped in DDP, or sharded in place with FSDP2 (``--shard``: ``dl.fully_shard`` for the
+    transformed module, torch's ``fully_shard`` per repeated block and at the root for the baseline)."""
+    if not ctx.on:
+        if args.compile:
+            return dl_compile(module) if adapted else torch.compile(module)
+        return module
+    if args.shard:
+        if adapted:
+            from . import fully_shard as dl_fully_shard  # noqa: PLC0415 - FSDP2 support of the core
+            dl_fully_shard(module, mesh=mesh)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            from .passes import repeated_blocks
+
+            for name in repeated_blocks(blocks_of):
+                fully_shard(blocks_of.get_submodule(name), mesh=mesh)
+            fully_shard(blocks_of, mesh=mesh)
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if args.compile:
+        module = dl_compile(module) if adapted else torch.compile(module)
+    return DDP(module)
+
+
 def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: DynLoRAModule,
-           report: dict[str, Any], err: Any) -> int:
+           report: dict[str, Any], err: Any, ctx: Dist | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .training import Trainer, TrainSettings, default_model_inputs, skip
 
+    ctx = ctx or Dist()
     path = args.model_file
     # Near-zero AdamW moments and probabilities become denormal floats, which x86 CPUs process
     # 5-20x slower (measured in benchmarks/pretrain.py); the CLI owns its process, so flush them.
@@ -294,29 +528,47 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         if not callable(getattr(user, fn, None)):
             raise DynLoRAError(path, f"--train needs {fn}() in the model file",
                                "define batches() (an iterator of batches) and loss_fn(output, batch)")
+    sharded = ctx.on and args.shard
+    if sharded:
+        _check_fsdp_support(args)
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
                              warmup=min(args.warmup, max(1, args.train // 10)), precision=args.precision)
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
-    runs = {"adapted": Trainer(dl_compile(gm) if args.compile else gm, gm.dynlora_config, settings, user.loss_fn,
-                               inputs_of)}
+    mesh = None
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (ctx.world,))  # the CLI trains on the CPU
+    gm.train()
+    parallel = dict(rank=ctx.rank, world=ctx.world)
+    runs = {"adapted": Trainer(_parallel(gm, gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
+                               inputs_of, **parallel)}
     if args.baseline:
         base = copy.deepcopy(model).train()
-        runs["baseline"] = Trainer(torch.compile(base) if args.compile else base, None, settings, user.loss_fn,
-                                   inputs_of)
+        runs["baseline"] = Trainer(_parallel(base, base, args, ctx, mesh, False), None, settings, user.loss_fn,
+                                   inputs_of, **parallel)
     start = 0
     if args.resume:
-        state = load_checkpoint(args.out)
-        gm.load_state_dict(state["adapted_module"])
-        runs["adapted"].load_state_dict(state["adapted"])
-        if "baseline" in runs and "baseline" in state:
-            base.load_state_dict(state["baseline_module"])
-            runs["baseline"].load_state_dict(state["baseline"])
-        start = state["adapted"]["step"]
+        if sharded:
+            _load_sharded(args.out, gm, base if args.baseline else None, runs)
+        else:  # every rank reads the one file rank 0 wrote
+            state = load_checkpoint(args.out)
+            gm.load_state_dict(state["adapted_module"])
+            runs["adapted"].load_state_dict(state["adapted"])
+            if "baseline" in runs and "baseline" in state:
+                base.load_state_dict(state["baseline_module"])
+                runs["baseline"].load_state_dict(state["baseline"])
+        start = runs["adapted"].step
         err.print(f"[dim]resuming from step {start}[/]")
     streams = {name: skip(iter(_call(user, "batches", path)), trainer.step) for name, trainer in runs.items()}
 
     def checkpoint() -> None:
         if not args.out:
+            return
+        if sharded:
+            _save_sharded(args.out, gm, base if args.baseline else None, runs, ctx)
+            return
+        if not ctx.main:  # replicas are equal: rank 0 writes
             return
         state = {"adapted_module": gm.state_dict(), "adapted": runs["adapted"].state_dict()}
         if "baseline" in runs:
@@ -328,9 +580,11 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} {task.fields[unit]}/s"),
                TimeRemainingColumn())
     try:
-        with Progress(*columns, console=err, transient=False) as progress:
+        with Progress(*columns, console=err, transient=False, disable=not ctx.main) as progress:
             for name, trainer in runs.items():
                 label = f"{gm.dynlora_config.method} r={args.rank}" if name == "adapted" else "full-rank"
+                if ctx.world > 1:
+                    label += f" ×{ctx.world} {'FSDP2' if args.shard else 'DDP'}"
                 task = progress.add_task(label, total=args.train, completed=trainer.step, loss=float("nan"), tps=0.0,
                                          unit=trainer.unit)
                 while trainer.step < args.train:
@@ -359,6 +613,89 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         training["switched"] = list(adapted.switcher.num_switched())
     report["training"] = training
     return 0
+
+
+# -- checkpoints of a sharded run: torch.distributed.checkpoint, one folder --------------------
+DCP_DIR = "checkpoint.dcp"
+_LOOP = "loop.pt"  # step, losses and LR schedule of each run (rank 0 writes it into the folder)
+
+
+def _check_fsdp_support(args: argparse.Namespace) -> None:
+    import importlib
+
+    if not callable(getattr(importlib.import_module(__package__), "fully_shard", None)):
+        raise DynLoRAError("--shard", "this dynlora-fx has no dl.fully_shard (FSDP2 support)",
+                           "update dynlora-fx, or drop --shard (DDP replicates the model instead)")
+
+
+def _sharded_state(gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> dict[str, Any]:
+    """What dcp saves and loads in place: model and optimizer state, DTensor shards as they are. dl.AdamW
+    holds its state from the start; torch's AdamW of the baseline creates it at its first step, so its
+    state dict comes from torch's helper, which creates it first (dcp.load only fills what exists)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {"model": gm.state_dict(), "optim": runs["adapted"].optimizer.state_dict()}
+    if base is not None:
+        state["baseline_model"] = base.state_dict()
+        state["baseline_optim"] = get_optimizer_state_dict(base, runs["baseline"].optimizer)
+    return state
+
+
+def _save_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[str, Any], ctx: Dist) -> None:
+    """dcp.save of model and optimizer state into ``out/checkpoint.dcp`` (every rank writes its shards;
+    written beside it and renamed into place, so an interrupted save leaves the last one whole)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(out) / DCP_DIR
+    tmp, old = final.with_name(DCP_DIR + ".tmp"), final.with_name(DCP_DIR + ".old")
+    if ctx.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(_sharded_state(gm, base, runs), checkpoint_id=str(tmp))
+    if ctx.main:
+        loop = {name: {k: v for k, v in trainer.state_dict().items() if k != "optimizer"}
+                for name, trainer in runs.items()}
+        torch.save(loop, tmp / _LOOP)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from .errors import StateError
+
+    folder = Path(out) / DCP_DIR
+    if not (folder / _LOOP).exists():
+        raise StateError(f"--resume {out}", f"no sharded checkpoint ({DCP_DIR}) there",
+                         "resume a --shard run from the --out folder of an earlier --shard --train run (a checkpoint "
+                         "of a run without --shard resumes without --shard)")
+    loop = torch.load(folder / _LOOP, map_location="cpu", weights_only=False)
+    if (base is not None) != ("baseline" in loop):
+        raise StateError(f"--resume {out}", "the checkpoint was written " + ("without" if base is not None else "with")
+                         + " --baseline", "resume with the options of the run that wrote it")
+    state = _sharded_state(gm, base, runs)
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise StateError(str(folder), f"the sharded checkpoint does not fit this run ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                         "resume with the model, options and number of ranks of the run that wrote it") from None
+    gm.load_state_dict(state["model"])
+    runs["adapted"].optimizer.load_state_dict(state["optim"])
+    if base is not None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        base.load_state_dict(state["baseline_model"])
+        set_optimizer_state_dict(base, runs["baseline"].optimizer, state["baseline_optim"])
+    for name, trainer in runs.items():
+        trainer.step, trainer.losses = loop[name]["step"], list(loop[name]["losses"])
+        trainer.scheduler.load_state_dict(loop[name]["scheduler"])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ def summary_table(report: dict[str, Any]) -> Table:
         blocks = report.get("checkpointed") or []
         t.add_row("precision / activation checkpointing",
                   f"{report['precision']} / {f'{len(blocks)} blocks' if blocks else 'off'}")
+    d = report.get("distributed")
+    if d:
+        how = "FSDP2 (sharded)" if d["mode"] == "fsdp2" else "DDP (replicated)"
+        t.add_row("data parallel", f"{d['world_size']} ranks, {how}, each on 1/{d['world_size']} of every batch")
     t.add_row("parameters (total)", f"{p['total']:,}")
     t.add_row("trainable / frozen", f"{p['trainable']:,} / {p['frozen']:,}")
     t.add_row("training state (params+grads+AdamW)",

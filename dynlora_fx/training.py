@@ -2,6 +2,13 @@
 
 Cosine learning rate with linear warm-up, gradient clipping, and the method's runtime
 attached through ``dl.attach`` — the two lines a user adds to their own loop.
+
+Data parallel (``Trainer(..., rank=r, world=n)`` under an initialised process group, the
+module wrapped in DDP or sharded with ``dl.fully_shard``): every rank is handed the same
+*global* batch and trains on its own equal slice of it (rows ``r·B/n .. (r+1)·B/n`` of every
+tensor whose leading dimension is the batch's), so the averaged gradient is the global
+batch's. Reported losses are averaged over the ranks and items (tokens/samples) summed:
+the numbers a single process training on the whole batch reports.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError
@@ -22,7 +29,7 @@ from .runtime import AdamW, attach
 from .runtime.precision import RESIDUAL
 
 __all__ = ["TrainSettings", "PRECISIONS", "cast_model", "cast_inputs", "autocast", "cosine_multiplier", "make_optimizer", "Trainer",
-           "default_model_inputs"]
+           "default_model_inputs", "batch_slice", "mean_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,64 @@ def make_optimizer(module: nn.Module, config: AdapterConfig | None, settings: Tr
     return cls(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
 
 
+def _batch_size(batch: Any) -> int | None:
+    """The leading dimension of the batch's first tensor of >= 1 dims (None: no such tensor)."""
+    first = next((t for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
+    return None if first is None else first.shape[0]
+
+
+def batch_slice(batch: Any, rank: int, world: int, what: str = "batches()") -> Any:
+    """Rank ``rank``'s equal share of a global ``batch``: rows ``rank·B/world .. (rank+1)·B/world`` of
+    every tensor whose leading dimension is the batch size ``B`` (that of its first tensor of >= 1
+    dims); other leaves as they are. ``B`` must divide by ``world``: equal slices are what makes the
+    ranks' averaged gradient the global batch's."""
+    if world == 1:
+        return batch
+    n = _batch_size(batch)
+    if n is None:
+        raise ConfigError(what, "a batch holds no tensor with a batch dimension to split over the ranks",
+                          "yield batches of tensors whose first dimension is the batch (e.g. (x, y))")
+    if n % world:
+        raise ConfigError(what, f"a batch has {n} rows, which do not split evenly over {world} ranks",
+                          f"yield batches whose size is a multiple of {world} (every rank trains on an equal slice "
+                          "of each global batch)")
+    per = n // world
+    lo, hi = rank * per, (rank + 1) * per
+    return tree_map(lambda t: t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n else t,
+                    batch)
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    """``value`` averaged over the ranks of the default process group (itself when ``world`` is 1)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def _check_same_batch(batch: Any, world: int, what: str) -> None:
+    """Every rank must be handed the same global batch (each trains on its own slice of it)."""
+    import torch.distributed as dist
+
+    tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    # position-weighted sums: a permutation or a different draw changes them
+    f = torch.zeros(2, dtype=torch.float64)
+    for t in tensors:
+        flat = t.detach().reshape(-1).to(torch.float64)
+        f[0] += flat.sum()
+        f[1] += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum()
+    lo, hi = f.clone(), f.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise ConfigError(what, "the ranks were handed different batches",
+                          "make it yield the same sequence of global batches on every rank (seed its generator; "
+                          "do not split by rank yourself: each rank takes its own slice)")
+
+
 def default_model_inputs(batch: Any) -> tuple:
     """Model inputs of a batch: its first element for a (inputs, targets) tuple, else the batch.
     A user's ``model_inputs`` may return a tuple (positional) or a dict (keyword inputs)."""
@@ -121,7 +186,9 @@ class Trainer:
     model_inputs: Callable[[Any], tuple | dict] = default_model_inputs
     optimizer: torch.optim.Optimizer | None = None  # None: make_optimizer's AdamW over the module
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # of the global batch (averaged over ranks)
+    rank: int = 0  # data parallel: this process's rank and the number of ranks (see the module doc)
+    world: int = 1
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -133,10 +200,22 @@ class Trainer:
         self.tokens = 0  # items seen, in ``unit``: tokens for integer (token id) inputs, else samples
         self.unit = "tok"
         self.seconds = 0.0
+        self._checked = False
+
+    def _local(self, batch: Any, what: str) -> Any:
+        """This rank's slice of a global batch (the batch itself on one rank)."""
+        if self.world == 1:
+            return batch
+        if not self._checked:  # once per run (and after a resume): every rank has the same batches
+            _check_same_batch(batch, self.world, what)
+            self._checked = True
+        return batch_slice(batch, self.rank, self.world, what)
 
     def train_step(self, batch: Any) -> float:
+        """One optimizer step on ``batch`` (the global batch; each rank trains on its slice); the loss."""
         t0 = time.perf_counter()
         self.module.train()
+        batch = self._local(batch, "batches()")
         inputs = cast_inputs(self.model_inputs(batch), self.settings.precision)
         with autocast(self.module, self.settings.precision):
             out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
@@ -148,12 +227,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        value = loss.item()
+        value = mean_over_ranks(loss.item(), self.world)
         self.losses.append(value)
         self.seconds += time.perf_counter() - t0
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
         self.unit, items = _items(first)
-        self.tokens += items
+        self.tokens += items * self.world  # equal slices: the global batch's items
         return value
 
     @torch.no_grad()
@@ -161,13 +240,14 @@ class Trainer:
         self.module.eval()
         total, n = 0.0, 0
         for batch in batches:
+            batch = batch_slice(batch, self.rank, self.world, "val_batches()")
             inputs = cast_inputs(self.model_inputs(batch), self.settings.precision)
             with autocast(self.module, self.settings.precision):
                 out = self.module(**inputs) if isinstance(inputs, dict) else self.module(*inputs)
                 total += self.loss_fn(out, batch).item()
             n += 1
         self.module.train()
-        return total / max(1, n)
+        return mean_over_ranks(total / max(1, n), self.world)
 
     def state_dict(self) -> dict[str, Any]:
         """Loop, optimizer and schedule state. The switcher's is in the module's ``state_dict()``

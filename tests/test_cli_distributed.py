@@ -1,0 +1,125 @@
+"""The CLI under torchrun on two gloo ranks: DDP and FSDP2 (--shard) train on slices of the same
+global batches and report what a single process reports; only rank 0 prints and writes; a bad
+input is one line and a non-zero exit, with no rank left hanging."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dynlora_fx as dl
+from dynlora_fx.cli import build_parser, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+
+ROWS = {rows}
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+def example_inputs():
+    return (torch.randn(2, 16, generator=torch.Generator().manual_seed(0)),)
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    while True:
+        x = torch.randn(ROWS, 16, generator=g)
+        yield x, (x[:, :4] > 0).long().argmax(1)
+
+def loss_fn(out, batch):
+    return F.cross_entropy(out, batch[1])
+
+def val_batches():
+    g = torch.Generator().manual_seed(2)
+    return [(x, (x[:, :4] > 0).long().argmax(1)) for x in (torch.randn(8, 16, generator=g) for _ in range(2))]
+'''
+
+ARGS = ["--rank", "4", "--interval", "4", "--freeze-steps", "1", "--train", "10", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "mlp.py"
+    path.write_text(MODEL.format(rows=8))
+    return path
+
+
+def single(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = run(build_parser().parse_args([str(a) for a in argv]), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def torchrun(*argv, nproc=2):
+    """``torchrun --standalone --nproc-per-node 2 -m dynlora_fx.cli ...`` from the repository."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dynlora_fx.cli", *map(str, argv)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, tmp_path_factory):
+    """The single-process run of the same command: its report and weights."""
+    tmp = tmp_path_factory.mktemp("single")
+    code, _, err = single(model_file, *ARGS, "--out", tmp / "out", "--json", tmp / "r.json")
+    assert code == 0, err
+    return json.loads((tmp / "r.json").read_text()), load_file(tmp / "out" / "weights.safetensors")
+
+
+def _check_like_single(proc, tmp_path, reference, label):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone prints: one plan, one progress bar, one summary
+    assert proc.stdout.count("Summary") == 1 and proc.stdout.count("Adapted weights (3)") == 1, proc.stdout
+    assert proc.stderr.count(label) == 1 and proc.stderr.count("capturing") == 1, proc.stderr
+    assert "[rank1]" not in proc.stderr and "Traceback" not in proc.stderr
+    want, weights = reference
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["distributed"]["world_size"] == 2
+    tr, ref = got["training"], want["training"]
+    assert tr["steps"] == 10 and sum(tr["switched"]) == sum(ref["switched"]) > 0
+    # the same global batches, each rank on half of each: the single process's numbers
+    assert max(abs(a - b) for a, b in zip(tr["losses"], ref["losses"])) < 1e-5
+    assert abs(tr["val_loss"] - ref["val_loss"]) < 1e-5
+    trained = load_file(tmp_path / "out" / "weights.safetensors")
+    assert set(trained) == set(weights)
+    for k, v in weights.items():
+        assert torch.allclose(trained[k].float(), v.float(), atol=1e-5), k
+    return got
+
+
+def test_ddp_matches_single_process(model_file, reference, tmp_path):
+    proc = torchrun(model_file, *ARGS, "--out", tmp_path / "out", "--json", tmp_path / "r.json")
+    _check_like_single(proc, tmp_path, reference, "×2 DDP")
+    assert not list(tmp_path.glob("out/*.tmp*"))
+
+
+@pytest.mark.skipif(not hasattr(dl, "fully_shard"), reason="dl.fully_shard (FSDP2) not in this build")
+def test_shard_matches_single_process_and_exports(model_file, reference, tmp_path):
+    proc = torchrun(model_file, *ARGS, "--shard", "--out", tmp_path / "out", "--json", tmp_path / "r.json",
+                    "--onnx", tmp_path / "m.onnx")
+    got = _check_like_single(proc, tmp_path, reference, "×2 FSDP2")
+    assert got["distributed"]["mode"] == "fsdp2"
+    assert got["onnx"]["max_rel_error"] < 1e-4  # merged from the gathered shards, exported by rank 0
+    assert (tmp_path / "out" / "checkpoint.dcp" / "loop.pt").exists()  # torch.distributed.checkpoint
+
+
+def test_bad_input_is_one_line_and_no_rank_hangs(tmp_path):
+    odd = tmp_path / "odd.py"
+    odd.write_text(MODEL.format(rows=7))  # 7 rows do not split over 2 ranks
+    proc = torchrun(odd, *ARGS)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    lines = [ln for ln in text.splitlines() if "dynlora-transform: error" in ln]
+    assert len(lines) == 1 and "7 rows" in lines[0] and "2 ranks" in lines[0] and "Remedy" in lines[0], text
+    assert "[rank0]" not in text and "[rank1]" not in text  # no worker traceback (torchrun adds its own summary)
