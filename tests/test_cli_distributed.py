@@ -5,6 +5,7 @@ input is one line and a non-zero exit, with no rank left hanging."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,11 @@ def val_batches():
     return [(x, (x[:, :4] > 0).long().argmax(1)) for x in (torch.randn(8, 16, generator=g) for _ in range(2))]
 '''
 
-ARGS = ["--rank", "4", "--interval", "4", "--freeze-steps", "1", "--train", "10", "--lr", "1e-2"]
+def train_args(steps):
+    return ["--rank", "4", "--interval", "4", "--freeze-steps", "1", "--lr", "1e-2", "--train", str(steps)]
+
+
+ARGS = train_args(10)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +75,11 @@ def torchrun(*argv, nproc=2):
 
 @pytest.fixture(scope="module")
 def reference(model_file, tmp_path_factory):
-    """The single-process run of the same command: its report and weights."""
+    """The single-process run of the same command: its report and weights (and its --out folder)."""
     tmp = tmp_path_factory.mktemp("single")
     code, _, err = single(model_file, *ARGS, "--out", tmp / "out", "--json", tmp / "r.json")
     assert code == 0, err
-    return json.loads((tmp / "r.json").read_text()), load_file(tmp / "out" / "weights.safetensors")
+    return json.loads((tmp / "r.json").read_text()), load_file(tmp / "out" / "weights.safetensors"), tmp / "out"
 
 
 def _check_like_single(proc, tmp_path, reference, label):
@@ -83,7 +88,7 @@ def _check_like_single(proc, tmp_path, reference, label):
     assert proc.stdout.count("Summary") == 1 and proc.stdout.count("Adapted weights (3)") == 1, proc.stdout
     assert proc.stderr.count(label) == 1 and proc.stderr.count("capturing") == 1, proc.stderr
     assert "[rank1]" not in proc.stderr and "Traceback" not in proc.stderr
-    want, weights = reference
+    want, weights, _ = reference
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["distributed"]["world_size"] == 2
     tr, ref = got["training"], want["training"]
@@ -112,6 +117,16 @@ def test_shard_matches_single_process_and_exports(model_file, reference, tmp_pat
     assert got["distributed"]["mode"] == "fsdp2"
     assert got["onnx"]["max_rel_error"] < 1e-4  # merged from the gathered shards, exported by rank 0
     assert (tmp_path / "out" / "checkpoint.dcp" / "loop.pt").exists()  # torch.distributed.checkpoint
+    # resume the sharded checkpoint (dcp.load into the shards) for 4 more steps: a single process
+    # resuming its own checkpoint.pt the same way reports the same losses
+    more = train_args(14)
+    proc = torchrun(model_file, *more, "--shard", "--out", tmp_path / "out", "--resume", "--json", tmp_path / "r2.json")
+    assert proc.returncode == 0 and proc.stderr.count("resuming from step 10") == 1, proc.stderr[-3000:]
+    shutil.copytree(reference[2], tmp_path / "single")
+    code, _, err = single(model_file, *more, "--out", tmp_path / "single", "--resume", "--json", tmp_path / "s2.json")
+    assert code == 0, err
+    sharded, one = (json.loads((tmp_path / f).read_text())["training"] for f in ("r2.json", "s2.json"))
+    assert len(sharded["losses"]) == 14 and max(abs(a - b) for a, b in zip(sharded["losses"], one["losses"])) < 1e-5
 
 
 def test_bad_input_is_one_line_and_no_rank_hangs(tmp_path):
