@@ -169,7 +169,7 @@ def merge(module: nn.Module) -> DynLoRAModule:
     for g in out._unique_graphs():
         for body in (g, *region_bodies(g)):
             remove_adapters(body)
-            del body.adapters
+            body._modules.pop("adapters", None)  # absent in the regions of a module merged before
     out.adapters = nn.Module()
     out.plan = type(out.plan)((), out.plan.skipped)
     return out

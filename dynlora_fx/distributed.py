@@ -205,22 +205,36 @@ def _placements(gm: DynLoRAModule):
 
 
 def _meta_copy(gm: DynLoRAModule) -> DynLoRAModule:
-    """A copy of ``gm`` whose tensors are on the meta device (no memory): the skeleton a merge
-    fills with the gathered state."""
+    """A copy of ``gm`` whose parameters and persistent buffers are on the meta device (no memory):
+    the skeleton a merge fills with the gathered state. Non-persistent buffers (rotary tables, …),
+    which no state dict carries, are copied as they are."""
     memo: dict[int, Any] = {}
-    for t in itertools.chain(gm.parameters(), gm.buffers()):
-        twin = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    for module in gm.modules():
+        for name, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if t is None or id(t) in memo or name in module._non_persistent_buffers_set:
+                continue
+            twin = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
     return copy.deepcopy(gm, memo)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer of ``module`` (uninitialised) memory on ``device``."""
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_meta:
+                    real = torch.empty_like(t, device=device)
+                    table[name] = nn.Parameter(real, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else real
 
 
 @torch.no_grad()
 def unsharded_copy(gm: DynLoRAModule) -> DynLoRAModule:
     """The whole module, unsharded, on every rank (a collective: every rank must call it): the
     module as it was before ``dl.fully_shard``, holding the sharded module's current state."""
-    template = gm.__dict__[_TEMPLATE]
     state = {k: gathered(v) for k, v in gm.state_dict().items()}
-    device = next(iter(state.values())).device
-    out = copy.deepcopy(template).to_empty(device=device)
+    out = copy.deepcopy(gm.__dict__[_TEMPLATE])
+    _materialize(out, next(iter(state.values())).device)
     out.load_state_dict(state)
     return out
