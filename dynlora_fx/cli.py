@@ -210,6 +210,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     owned: bool = False  # the CLI initialised the process group (and destroys it)
+    run_id: int = 0  # runs in one process group (a caller's own) keep their keys in the store apart
 
     @property
     def on(self) -> bool:
@@ -224,8 +225,10 @@ class Dist:
         """Join torchrun's process group (WORLD_SIZE > 1), or a 1-rank local one for ``--shard``."""
         import torch.distributed as dist
 
+        global _RUNS
+        _RUNS += 1
         if dist.is_available() and dist.is_initialized():  # a caller's own group: use it, leave it alone
-            return cls(dist.get_rank(), dist.get_world_size(), False)
+            return cls(dist.get_rank(), dist.get_world_size(), False, _RUNS)
         try:
             world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         except ValueError:
@@ -236,27 +239,29 @@ class Dist:
         if not dist.is_available():
             raise DynLoRAError("torch.distributed", "this torch build has no distributed support",
                                "install a torch build with torch.distributed, or run without torchrun/--shard")
+        options: dict[str, Any] = {}
         if world <= 1:  # --shard alone: FSDP2 over a 1-rank group on this machine
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
-            if var not in os.environ:
-                raise DynLoRAError(f"WORLD_SIZE={world}", f"{var} is not set",
-                                   "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ..., which "
-                                   "sets RANK, MASTER_ADDR and MASTER_PORT")
+            options = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+        else:
+            for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+                if var not in os.environ:
+                    raise DynLoRAError(f"WORLD_SIZE={world}", f"{var} is not set",
+                                       "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ..., "
+                                       "which sets RANK, MASTER_ADDR and MASTER_PORT")
         # the CLI trains on the CPU (gloo); CUDA tensors, where there are any, go through nccl
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **options)
         except Exception as exc:  # noqa: BLE001
             raise DynLoRAError(f"process group ({backend}, WORLD_SIZE={world})",
                                f"initialisation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                                "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ...") from None
-        return cls(dist.get_rank(), dist.get_world_size(), True)
+        return cls(dist.get_rank(), dist.get_world_size(), True, _RUNS)
 
     # -- the end of a run: every rank reports through the store, then the group goes --------
+    def _key(self, rank: int) -> str:
+        return f"dynlora-cli/{self.run_id}/end/{rank}"
+
     def _store(self) -> Any:
         from torch.distributed import distributed_c10d
 
@@ -273,8 +278,8 @@ class Dist:
             return False
         try:
             store = self._store()
-            store.set(f"dynlora-cli/end/{self.rank}", "error" if error else "ok")
-            keys = [f"dynlora-cli/end/{r}" for r in range(self.world)]
+            store.set(self._key(self.rank), "error" if error else "ok")
+            keys = [self._key(r) for r in range(self.world)]
             deadline = time.monotonic() + (grace if error else 3600.0)
             while not store.check(keys) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -296,10 +301,13 @@ class Dist:
             return False
         try:
             store = self._store()
-            others = [f"dynlora-cli/end/{r}" for r in range(self.world) if r != self.rank]
+            others = [self._key(r) for r in range(self.world) if r != self.rank]
             return any(store.check([k]) and store.get(k) == b"error" for k in others)
         except Exception:  # noqa: BLE001
             return True  # the store is gone: the job is being torn down
+
+
+_RUNS = 0  # CLI runs started in this process
 
 
 def _free_port() -> int:

@@ -129,6 +129,16 @@ def test_shard_matches_single_process_and_exports(model_file, reference, tmp_pat
     assert len(sharded["losses"]) == 14 and max(abs(a - b) for a, b in zip(sharded["losses"], one["losses"])) < 1e-5
 
 
+@pytest.mark.skipif(not hasattr(dl, "fully_shard"), reason="dl.fully_shard (FSDP2) not in this build")
+def test_shard_without_torchrun_is_a_one_rank_fsdp2_run(model_file, reference, tmp_path):
+    code, out, err = single(model_file, *ARGS, "--shard", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["distributed"] == {"world_size": 1, "mode": "fsdp2"}
+    assert max(abs(a - b) for a, b in zip(got["training"]["losses"], reference[0]["training"]["losses"])) < 1e-5
+    assert not torch.distributed.is_initialized()  # the CLI's own group is gone
+
+
 def test_bad_input_is_one_line_and_no_rank_hangs(tmp_path):
     odd = tmp_path / "odd.py"
     odd.write_text(MODEL.format(rows=7))  # 7 rows do not split over 2 ranks
