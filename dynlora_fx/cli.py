@@ -380,9 +380,6 @@ def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Dist | None = None) 
         raise DynLoRAError("--resume", "it needs the --out folder the checkpoint was written to",
                            "pass --out DIR together with --resume")
     if ctx.on and args.shard and args.train:
-        if args.compile:
-            raise DynLoRAError("--compile --shard", "the CLI does not compile FSDP2-sharded modules",
-                               "drop --compile, or drop --shard (DDP compiles)")
         if args.precision == "bf16":
             raise DynLoRAError("--precision bf16 --shard", "FSDP2 keeps switching exact in fp32 shards, not in "
                                "bf16 parameters", "use --precision bf16-autocast (fp32 parameters, bf16 compute)")
@@ -512,6 +509,8 @@ def _parallel(module: nn.Module, blocks_of: nn.Module, args: argparse.Namespace,
             for name in repeated_blocks(blocks_of):
                 fully_shard(blocks_of.get_submodule(name), mesh=mesh)
             fully_shard(blocks_of, mesh=mesh)
+        if args.compile:  # FSDP2's hooks stay outside the compiled graphs (one per block and the root)
+            return dl_compile(module) if adapted else torch.compile(module)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 

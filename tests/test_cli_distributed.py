@@ -109,7 +109,6 @@ def test_ddp_matches_single_process(model_file, reference, tmp_path):
     assert not list(tmp_path.glob("out/*.tmp*"))
 
 
-@pytest.mark.skipif(not hasattr(dl, "fully_shard"), reason="dl.fully_shard (FSDP2) not in this build")
 def test_shard_matches_single_process_and_exports(model_file, reference, tmp_path):
     proc = torchrun(model_file, *ARGS, "--shard", "--out", tmp_path / "out", "--json", tmp_path / "r.json",
                     "--onnx", tmp_path / "m.onnx")
@@ -129,7 +128,6 @@ def test_shard_matches_single_process_and_exports(model_file, reference, tmp_pat
     assert len(sharded["losses"]) == 14 and max(abs(a - b) for a, b in zip(sharded["losses"], one["losses"])) < 1e-5
 
 
-@pytest.mark.skipif(not hasattr(dl, "fully_shard"), reason="dl.fully_shard (FSDP2) not in this build")
 def test_shard_without_torchrun_is_a_one_rank_fsdp2_run(model_file, reference, tmp_path):
     code, out, err = single(model_file, *ARGS, "--shard", "--json", tmp_path / "r.json")
     assert code == 0, err

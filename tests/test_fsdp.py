@@ -24,7 +24,7 @@ from dynlora_fx.errors import DynLoRAError
 BATCH, STEPS = 8, 12
 SWITCHING = dl.SwitchLoRA(rank=3, interval=4, freeze_steps=2)  # rank 3: uneven slots on 2 and 4 ranks
 METHODS = {"switchlora": SWITCHING, "stored": dl.SwitchLoRA(rank=3, interval=4, freeze_steps=2, candidates="stored"),
-           "relora": dl.ReLoRA(rank=3, reset_every=4, warmup=1)}
+           "relora": dl.ReLoRA(rank=3, reset_every=4, warmup=1), "compiled": SWITCHING}
 
 
 class Block(nn.Module):
@@ -120,8 +120,12 @@ def _spawn(job: str, world: int, out: Path, *args) -> list:
 def _job_follow(methods):
     results = {}
     for name in methods:
-        gm = dl.fully_shard(_net(METHODS[name], checkpoint=name == "switchlora"))
-        losses, opt = _train(gm, STEPS)
+        gm = dl.fully_shard(_net(METHODS[name], checkpoint=name in ("switchlora", "compiled")))
+        opt = dl.AdamW(gm.parameters(), lr=1e-2)
+        dl.attach(gm, opt, STEPS)
+        # compiled: FSDP2's hooks run between the compiled graphs; switching recompiles nothing
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            losses, _ = _train(dl.compile(gm) if name == "compiled" else gm, STEPS, opt=opt)
         sw = opt._dynlora_switcher
         w, a = gm.model.layers[0].up.weight, gm.adapter("layers.0.up.weight").A
         results[name] = {"losses": losses, "switched": sw.num_switched(), "outputs": _outputs(gm),
@@ -198,11 +202,11 @@ def _job_hf(path):
 
 # -- tests ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world,methods", [(2, ("switchlora", "stored", "relora")), (4, ("switchlora",))])
+@pytest.mark.parametrize("world,methods", [(2, ("switchlora", "stored", "relora", "compiled")), (4, ("switchlora",))])
 def test_sharded_runs_follow_the_single_process_run(tmp_path, world, methods):
     got = _spawn("_job_follow", world, tmp_path, methods)
     for name in methods:
-        gm = _net(METHODS[name], checkpoint=name == "switchlora")
+        gm = _net(METHODS[name], checkpoint=name in ("switchlora", "compiled"))
         want, opt = _train(gm, STEPS)
         outputs = _outputs(gm)
         for rank, result in enumerate(got):

@@ -42,7 +42,8 @@ class BlockRegion(nn.Module):
     (non-reentrant), and a ``unit`` (set by ``dl.fully_shard``: the block's FSDP module, whose
     ``run_block(fn, *args)`` is registered as an FSDP forward method) runs it between FSDP's
     pre- and post-forward hooks. The unit is not a registered submodule: its state is the shared
-    state, which the module tree already holds once."""
+    state, which the module tree already holds once. ``compiled_run`` (``dl.compile`` of a
+    sharded module: :meth:`runner` compiled) runs instead where set."""
 
     def __init__(self, body: fx.GraphModule, block: str, recompute: bool):
         super().__init__()
@@ -50,15 +51,35 @@ class BlockRegion(nn.Module):
         self.block = block
         self.recompute = recompute
         self.__dict__["unit"] = None
+        self.__dict__["compiled_run"] = None
 
     def _run(self, *args: Any) -> Any:
+        compiled = self.__dict__["compiled_run"]
+        if compiled is not None:
+            return compiled(*args)
         if self.recompute:
             return checkpoint(self.body, *args, use_reentrant=False)
         return self.body(*args)
 
+    def runner(self) -> nn.Module:
+        """What :meth:`_run` does, as a module of its own code (the body, or a graph calling it under
+        checkpoint): something to compile alone, whose compiled frame no other region shares."""
+        if not self.recompute:
+            return self.body
+        graph = fx.Graph()
+        args = [graph.placeholder(n.name) for n in self.body.graph.nodes if n.op == "placeholder"]
+        graph.output(graph.call_function(checkpoint, (graph.get_attr("body"), *args), {"use_reentrant": False}))
+        return fx.GraphModule({"body": self.body}, graph)
+
     def forward(self, *args: Any) -> Any:
         unit = self.__dict__["unit"]
-        return self._run(*args) if unit is None else unit.run_block(self._run, *args)
+        return self._run(*args) if unit is None else self._run_sharded(unit, args)
+
+    @torch.compiler.disable
+    def _run_sharded(self, unit: nn.Module, args: tuple) -> Any:
+        # FSDP2's hooks run eagerly (they are not traceable); ``dl.compile`` compiles each sharded
+        # region's runner on its own (``compiled_run``), so no frame shared by all blocks is compiled
+        return unit.run_block(self._run, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BlockRegion:
         # fx's GraphModule deepcopy would rebuild a private skeleton of the state it reads; the copy
