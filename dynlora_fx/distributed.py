@@ -58,7 +58,7 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_af
     mesh = _check_mesh(gm, mesh)
     blocks = _unit_blocks(gm)
     gm.__dict__[_TEMPLATE] = _meta_copy(gm)
-    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm)}
+    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, mesh.size())}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     if offload_policy is not None:
@@ -189,14 +189,20 @@ def _adapter_tree(gm: DynLoRAModule, block: str) -> AdapterTree:
     return tree
 
 
-def _placements(gm: DynLoRAModule):
+def _placements(gm: DynLoRAModule, world: int):
     """FSDP2 shards on dim 0 by default. A stacked expert weight ``(*batch, m, n)`` and its factors
     are sharded on the matrix rows (``W``, ``B``) and slots (``A``) instead, as plain ones are, so
-    each rank switches its rows of every expert."""
+    each rank switches its rows of every expert (FSDP2 splits a dim other than 0 only evenly)."""
     dims = {}
     for ad in gm.iter_adapters():
-        if ad.target.batch:
-            d = len(ad.target.batch)
+        t = ad.target
+        if t.batch:
+            if t.rows % world or t.rank % world:
+                raise DynLoRAError(t.weight, f"stacked experts {t.shape} with rank {t.rank} are sharded on their "
+                                   f"rows ({t.rows}) and rank, which FSDP2 splits only evenly, over {world} ranks",
+                                   f"choose a rank that is a multiple of {world} (and rows that are), or exclude "
+                                   "the weight (exclude=[...])")
+            d = len(t.batch)
             for p in (gm.model.get_parameter(ad.target.weight), ad.A, ad.B):
                 dims[id(p)] = d
     if not dims:

@@ -24,16 +24,17 @@ from dynlora_fx.errors import DynLoRAError
 BATCH, STEPS = 8, 12
 SWITCHING = dl.SwitchLoRA(rank=3, interval=4, freeze_steps=2)  # rank 3: uneven slots on 2 and 4 ranks
 METHODS = {"switchlora": SWITCHING, "stored": dl.SwitchLoRA(rank=3, interval=4, freeze_steps=2, candidates="stored"),
-           "relora": dl.ReLoRA(rank=3, reset_every=4, warmup=1), "compiled": SWITCHING}
+           "relora": dl.ReLoRA(rank=3, reset_every=4, warmup=1), "compiled": SWITCHING,
+           "experts": dl.SwitchLoRA(rank=4, interval=4, freeze_steps=2)}  # stacked experts: split evenly
 
 
 class Block(nn.Module):
     def __init__(self, d: int):
         super().__init__()
-        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.norm, self.up, self.proj = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
 
     def forward(self, x):
-        return x + self.down(torch.relu(self.up(self.norm(x))))
+        return x + self.proj(torch.relu(self.up(self.norm(x))))
 
 
 class Net(nn.Module):
@@ -50,9 +51,26 @@ class Net(nn.Module):
         return self.out(h)
 
 
-def _net(config, checkpoint=False):
+class ExpertBlock(nn.Module):
+    """Two experts stacked in one (E, m, n) parameter: each expert its own adapter."""
+
+    def __init__(self, d: int = 16, experts: int = 2):
+        super().__init__()
+        self.norm, self.gate, self.proj = nn.LayerNorm(d), nn.Linear(d, experts), nn.Linear(2 * d, d)
+        self.experts = nn.Parameter(torch.randn(experts, 2 * d, d) / 4)
+
+    def forward(self, x):
+        h = self.norm(x)
+        y = torch.einsum("bd,emd->bem", h, self.experts)
+        return x + self.proj(torch.relu((torch.softmax(self.gate(h), -1).unsqueeze(-1) * y).sum(1)))
+
+
+def _net(config, checkpoint=False, experts=False):
     torch.manual_seed(0)  # every rank builds the same model, as a real job would load it
-    return dl.transform(Net(), (torch.randn(4, 8),), config, checkpoint=checkpoint)
+    net = Net()
+    if experts:
+        net.layers = nn.ModuleList(ExpertBlock() for _ in range(3))
+    return dl.transform(net, (torch.randn(4, 8),), config, checkpoint=checkpoint)
 
 
 def _batch(step: int):
@@ -120,17 +138,22 @@ def _spawn(job: str, world: int, out: Path, *args) -> list:
 def _job_follow(methods):
     results = {}
     for name in methods:
-        gm = dl.fully_shard(_net(METHODS[name], checkpoint=name in ("switchlora", "compiled")))
+        gm = dl.fully_shard(_net(METHODS[name], checkpoint=name in ("switchlora", "compiled"),
+                                 experts=name == "experts"))
         opt = dl.AdamW(gm.parameters(), lr=1e-2)
         dl.attach(gm, opt, STEPS)
         # compiled: FSDP2's hooks run between the compiled graphs; switching recompiles nothing
         with torch._dynamo.config.patch(error_on_recompile=True):
             losses, _ = _train(dl.compile(gm) if name == "compiled" else gm, STEPS, opt=opt)
         sw = opt._dynlora_switcher
-        w, a = gm.model.layers[0].up.weight, gm.adapter("layers.0.up.weight").A
+        w, a = gm.model.layers[0].proj.weight, gm.adapter("layers.0.proj.weight").A
         results[name] = {"losses": losses, "switched": sw.num_switched(), "outputs": _outputs(gm),
                          "w": (type(w).__name__, w.requires_grad, w.grad is None, tuple(w.to_local().shape)),
                          "a": (type(a).__name__, a.requires_grad), "sharded": gm.sharded}
+    try:  # stacked experts whose rank does not split evenly over the ranks (FSDP2 splits dim 1 evenly only)
+        dl.fully_shard(_net(SWITCHING, experts=True))
+    except DynLoRAError as exc:
+        results["uneven experts"] = str(exc)
     return results
 
 
@@ -202,11 +225,12 @@ def _job_hf(path):
 
 # -- tests ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world,methods", [(2, ("switchlora", "stored", "relora", "compiled")), (4, ("switchlora",))])
+@pytest.mark.parametrize("world,methods", [(2, ("switchlora", "stored", "relora", "compiled")),
+                                           (4, ("switchlora", "experts"))])
 def test_sharded_runs_follow_the_single_process_run(tmp_path, world, methods):
     got = _spawn("_job_follow", world, tmp_path, methods)
     for name in methods:
-        gm = _net(METHODS[name], checkpoint=name in ("switchlora", "compiled"))
+        gm = _net(METHODS[name], checkpoint=name in ("switchlora", "compiled"), experts=name == "experts")
         want, opt = _train(gm, STEPS)
         outputs = _outputs(gm)
         for rank, result in enumerate(got):
@@ -219,8 +243,10 @@ def test_sharded_runs_follow_the_single_process_run(tmp_path, world, methods):
                 torch.testing.assert_close(r["outputs"][key], outputs[key], rtol=1e-5, atol=1e-6)
             # frozen W: a sharded DTensor (rows split over the ranks) with no gradient; A trains
             kind, trains, no_grad, shape = r["w"]
-            assert kind == "DTensor" and not trains and no_grad and shape == (32 // world, 16)
+            assert kind == "DTensor" and not trains and no_grad and shape == (16 // world, 32)
             assert r["a"] == ("DTensor", True)
+    if world == 2:  # stacked experts of rank 3 over 2 ranks
+        assert "choose a rank that is a multiple of 2" in got[0]["uneven experts"]
 
 
 def test_dcp_resume_is_bit_identical_and_reshards(tmp_path):
