@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import dynlora_fx as dl
 from dynlora_fx.errors import DynLoRAError
+from dynlora_fx.shards import assign
 
 BATCH, STEPS = 8, 12
 SWITCHING = dl.SwitchLoRA(rank=3, interval=4, freeze_steps=2)  # rank 3: uneven slots on 2 and 4 ranks
@@ -186,7 +187,26 @@ def _job_mixed_precision():
     gm2 = dl.fully_shard(_net(SWITCHING), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     losses, _ = _train(gm2, STEPS)
     return {"drift": (after - before).abs().max().item(), "switched": opt._dynlora_switcher.num_switched(),
-            "w_dtype": gm.model.layers[0].up.weight.dtype, "losses": losses}
+            "w_dtype": gm.model.layers[0].up.weight.dtype, "losses": losses, "nan": _nan_run(dl.fully_shard)}
+
+
+def _nan_run(shard=lambda gm: gm) -> dict:
+    """A NaN in one row of A (held by one rank when sharded): every rank skips the same switches
+    (the finiteness check is summed across ranks), and no W absorbs a NaN."""
+    gm = shard(_net(SWITCHING))
+    ad = gm.adapter("layers.1.up.weight")
+    with torch.no_grad():
+        a = ad.A.full_tensor() if isinstance(ad.A, DTensor) else ad.A.detach().clone()
+        a[2, 0] = float("nan")  # slot 2: rank 1's on 2 ranks
+        assign(ad.A, a)
+    opt = dl.AdamW(gm.parameters(), lr=0.0)
+    dl.attach(gm, opt, STEPS)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        _train(gm, 4, opt=opt)
+        opt._dynlora_switcher.state_dict()  # reads the skip counter
+    w = gm.model.layers[1].up.weight
+    return {"skipped": int(gm.switch_state.skipped), "finite": bool(torch.isfinite(w.full_tensor() if isinstance(
+        w, DTensor) else w).all())}
 
 
 def _job_hf(path):
@@ -261,12 +281,14 @@ def test_dcp_resume_is_bit_identical_and_reshards(tmp_path):
     torch.testing.assert_close(four["losses"], whole["losses"][STEPS // 2:], rtol=1e-5, atol=1e-6)
 
 
-def test_mixed_precision_policy_keeps_switching_exact(tmp_path):
+def test_mixed_precision_policy_and_nan_safety_keep_switching_exact(tmp_path):
     (r,) = _spawn("_job_mixed_precision", 2, tmp_path)[:1]
     assert r["switched"][0] > 0 and r["w_dtype"] == torch.float32
     assert r["drift"] < 1e-5  # bf16 compute, yet the absorbed switches are exact in the fp32 shards
     fp32, _ = _train(_net(SWITCHING), STEPS)
     torch.testing.assert_close(r["losses"], fp32, rtol=3e-2, atol=1e-3)
+    single = _nan_run()
+    assert r["nan"] == single and single["skipped"] > 0 and single["finite"]
 
 
 def test_hf_llama_with_checkpointing_follows_single_process_and_exports(tmp_path):
