@@ -236,6 +236,19 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     return p
 
 
+def rich_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]],
+               align: Sequence[str] | None = None) -> Any:
+    """The same table for a terminal: a ``rich`` Table, ``align`` as in :func:`markdown_table`."""
+    from rich.table import Table
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    table = Table(title=title, title_justify="left")
+    for h, a in zip(headers, align):
+        table.add_column(h, justify="left" if a == "l" else "right")
+    for row in rows:
+        table.add_row(*map(str, row))
+    return table
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured markdown table; ``align`` holds "l" or "r" per column."""
     align = align or ["l"] + ["r"] * (len(headers) - 1)

@@ -99,7 +99,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import dynlora_fx as dl  # noqa: E402
 
-from _common import code_version, human_bytes, log, machine_info, markdown_table, median, write_json  # noqa: E402
+from _common import code_version, human_bytes, log, machine_info, markdown_table, median, rich_table, write_json  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
 
 SETUPS = ("full-rank-fsdp2", "switchlora-fsdp2", "switchlora-ddp", "full-rank-ddp")
@@ -662,23 +662,12 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             print(f"- {n}")
         return
     from rich.console import Console
-    from rich.table import Table
     console = Console(width=None if sys.stdout.isatty() else 220, highlight=False)
     console.print(head)
     for w in result["worlds"]:
         h, rows = table_rows(w)
-        t = Table(title=f"{w['world']} ranks", title_justify="left")
-        for i, c in enumerate(h):
-            t.add_column(c, justify="left" if i in (1, len(h) - 1) else "right")
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-    t = Table(title="Communication, SwitchLoRA / full-rank (bytes per step)", title_justify="left")
-    for c in ch:
-        t.add_column(c, justify="right")
-    for r in cr:
-        t.add_row(*r)
-    console.print(t)
+        console.print(rich_table(f"{w['world']} ranks", h, rows, ["r", "l"] + ["r"] * (len(h) - 3) + ["l"]))
+    console.print(rich_table("Communication, SwitchLoRA / full-rank (bytes per step)", ch, cr, ["r"] * len(ch)))
     for n in notes:
         console.print(n, markup=False)
 

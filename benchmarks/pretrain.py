@@ -92,7 +92,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dynlora_fx as dl  # noqa: E402
-from _common import markdown_table, median, write_json  # noqa: E402
+from _common import markdown_table, median, rich_table, write_json  # noqa: E402
 from dynlora_fx import corpus as _corpus  # noqa: E402
 from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, \
     stored_candidate_bytes, training_state_bytes  # noqa: E402
@@ -636,13 +636,7 @@ def summary(report: dict[str, Any], markdown: bool = False) -> None:
         print()
     else:
         from rich.console import Console
-        from rich.table import Table
-        table = Table(title=title)
-        for i, h in enumerate(head):
-            table.add_column(h, justify="left" if i == 0 else "right")
-        for r in body:
-            table.add_row(*r)
-        Console(width=max(130, Console().width)).print(table)
+        Console(width=max(130, Console().width)).print(rich_table(title, head, body))
     sweeps = {e["family"]: e["sweep"] for e in report["methods"].values() if e.get("sweep")}
     for fam, pts in sweeps.items():
         print(f"sweep {fam}: " + ", ".join(f"{q['lr']:g} -> {_fmt(q['val_loss'])}" for q in pts))

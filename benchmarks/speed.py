@@ -109,7 +109,7 @@ from dynlora_fx.training import TrainSettings, autocast, full_rank_state_bytes, 
 
 from _common import (RssSampler, SavedTensors, code_version, current_rss, human_bytes, log,  # noqa: E402
                      machine_info, markdown_table, max_rss, median, optimizer_state_bytes, quantile, settle,
-                     trim_heap, write_json)
+                     rich_table, trim_heap, write_json)
 from reference_switching import ReferenceSwitcher  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
 
@@ -788,7 +788,6 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
                 print(f"- {note}")
         return
     from rich.console import Console
-    from rich.table import Table
     console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
     console.print(head)
     console.print(rate)
@@ -800,23 +799,13 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
                                (f"{s['name']}: peak training memory = state + saved for backward", ph, pr)):
             if not rows:
                 continue
-            t = Table(title=title, title_justify="left")
-            for i, c in enumerate(h):
-                t.add_column(c, justify="left" if i < 2 else "right")
-            for row in rows:
-                t.add_row(*row)
-            console.print(t)
+            console.print(rich_table(title, h, rows, ["l", "l"] + ["r"] * (len(h) - 2)))
         for f in s.get("failed", []):
             console.print(f"[bold red]{f['label']} failed[/]: {f['error']}", markup=True)
     if result.get("form_sweep"):
         fh, fr = form_rows(result["form_sweep"])
-        t = Table(title="Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)",
-                  title_justify="left")
-        for c in fh:
-            t.add_column(c, justify="right")
-        for row in fr:
-            t.add_row(*row)
-        console.print(t)
+        console.print(rich_table("Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)", fh, fr,
+                                 ["r"] * len(fh)))
         for note in form_notes(result["form_sweep"]):
             console.print(note)
 

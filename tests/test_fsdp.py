@@ -79,7 +79,12 @@ def _batch(step: int):
     return torch.randn(BATCH, 8, generator=g), torch.randn(BATCH, 4, generator=g)
 
 
-def _train(gm, steps, start=0, lr=1e-2, opt=None, total=STEPS):
+def _mse(gm, step, world, rank):
+    x, y = (t.chunk(world)[rank] for t in _batch(step))
+    return (gm(x) - y).pow(2).mean()
+
+
+def _train(gm, steps, start=0, lr=1e-2, opt=None, total=STEPS, loss_of=_mse):
     """Steps ``start..start+steps`` on the global batch (each rank its slice); the global mean losses."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     if opt is None:
@@ -87,8 +92,7 @@ def _train(gm, steps, start=0, lr=1e-2, opt=None, total=STEPS):
         dl.attach(gm, opt, total)
     losses = []
     for step in range(start, start + steps):
-        x, y = (t.chunk(world)[rank] for t in _batch(step))
-        loss = (gm(x) - y).pow(2).mean()
+        loss = loss_of(gm, step, world, rank)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -218,22 +222,15 @@ def _job_hf(path):
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     gm = dl.transform(model, example_kwargs={"input_ids": ids, "labels": ids}, config=SWITCHING, checkpoint=True)
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    if world > 1:
+    if dist.is_initialized():
         dl.fully_shard(gm)
-    opt = dl.AdamW(gm.parameters(), lr=1e-2)
-    dl.attach(gm, opt, 6)
-    losses = []
-    for step in range(6):
+
+    def lm_loss(gm, step, world, rank):
         batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(step)).chunk(world)[rank]
-        loss = gm(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        loss = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(loss)
-        losses.append(loss.item() / world)
+        return gm(input_ids=batch, labels=batch).loss
+
+    losses, _ = _train(gm, 6, total=6, loss_of=lm_loss)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     merged = dl.merge(gm)
     report = dl.export_onnx(merged, (), path, example_kwargs={"input_ids": ids, "labels": ids}) if rank == 0 else None
     with torch.no_grad():
