@@ -56,9 +56,9 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_af
     """
     gm = _check_shardable(module)
     mesh = _check_mesh(gm, mesh)
+    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, mesh.size())}  # checks first
     blocks = _unit_blocks(gm)
     gm.__dict__[_TEMPLATE] = _meta_copy(gm)
-    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, mesh.size())}
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     if offload_policy is not None:
