@@ -40,6 +40,7 @@ import torch.nn as nn
 from . import __version__
 from .api import transform
 from .compile import compile as dl_compile
+from .distributed import fully_shard as dl_fully_shard
 from .config import AdapterConfig, LoRA, ReLoRA, SwitchLoRA
 from .errors import DynLoRAError
 from .module import DynLoRAModule, adapters
@@ -499,16 +500,15 @@ def _parallel(module: nn.Module, blocks_of: nn.Module, args: argparse.Namespace,
         return module
     if args.shard:
         if adapted:
-            from . import fully_shard as dl_fully_shard  # noqa: PLC0415 - FSDP2 support of the core
             dl_fully_shard(module, mesh=mesh)
         else:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
             from .passes import repeated_blocks
 
             for name in repeated_blocks(blocks_of):
-                fully_shard(blocks_of.get_submodule(name), mesh=mesh)
-            fully_shard(blocks_of, mesh=mesh)
+                torch_fully_shard(blocks_of.get_submodule(name), mesh=mesh)
+            torch_fully_shard(blocks_of, mesh=mesh)
         if args.compile:  # FSDP2's hooks stay outside the compiled graphs (one per block and the root)
             return dl_compile(module) if adapted else torch.compile(module)
         return module
@@ -536,8 +536,6 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
             raise DynLoRAError(path, f"--train needs {fn}() in the model file",
                                "define batches() (an iterator of batches) and loss_fn(output, batch)")
     sharded = ctx.on and args.shard
-    if sharded:
-        _check_fsdp_support(args)
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
                              warmup=min(args.warmup, max(1, args.train // 10)), precision=args.precision)
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
@@ -625,14 +623,6 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
 # -- checkpoints of a sharded run: torch.distributed.checkpoint, one folder --------------------
 DCP_DIR = "checkpoint.dcp"
 _LOOP = "loop.pt"  # step, losses and LR schedule of each run (rank 0 writes it into the folder)
-
-
-def _check_fsdp_support(args: argparse.Namespace) -> None:
-    import importlib
-
-    if not callable(getattr(importlib.import_module(__package__), "fully_shard", None)):
-        raise DynLoRAError("--shard", "this dynlora-fx has no dl.fully_shard (FSDP2 support)",
-                           "update dynlora-fx, or drop --shard (DDP replicates the model instead)")
 
 
 def _sharded_state(gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> dict[str, Any]:
