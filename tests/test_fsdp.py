@@ -110,7 +110,9 @@ def _outputs(gm) -> dict:
     merged = dl.merge(gm).eval()
     unloaded = dl.merge_and_unload(gm).eval()
     with torch.no_grad():
-        return {"merged": merged(PROBE), "unloaded": unloaded(PROBE)}
+        out = {"eval": gm.eval()(PROBE), "merged": merged(PROBE), "unloaded": unloaded(PROBE)}
+    gm.train()
+    return out
 
 
 # -- process harness -------------------------------------------------------------------------
@@ -256,7 +258,7 @@ def test_sharded_runs_follow_the_single_process_run(tmp_path, world, methods):
             torch.testing.assert_close(r["losses"], want, rtol=1e-5, atol=1e-6, msg=f"{name} rank {rank}")
             if name != "relora":
                 assert r["switched"] == opt._dynlora_switcher.num_switched() and r["switched"][0] > 0
-            for key in ("merged", "unloaded"):
+            for key in ("eval", "merged", "unloaded"):
                 torch.testing.assert_close(r["outputs"][key], outputs[key], rtol=1e-5, atol=1e-6)
             # frozen W: a sharded DTensor (rows split over the ranks) with no gradient; A trains
             kind, trains, no_grad, shape = r["w"]
