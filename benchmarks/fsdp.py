@@ -21,7 +21,7 @@ rate (``total_steps = 10**6``).
 Per rank it reports:
 
 - **training state**: bytes of parameters + gradients + optimizer state this rank holds, DTensors
-  counted by their local shard (``to_local()``), read after ``opt.step()`` and before
+  counted by their local shard, read after ``opt.step()`` and before
   ``zero_grad`` of the last warm-up step; buffers apart. DDP's reducer also keeps flat bucket
   buffers as large as the gradients it reduces (``ddp_bucket_bytes``, not in ``state``).
 - **communication per timed step**, counted three ways:
@@ -98,6 +98,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import dynlora_fx as dl  # noqa: E402
+from dynlora_fx.shards import local  # noqa: E402
 
 from _common import code_version, human_bytes, log, machine_info, markdown_table, median, rich_table, write_json  # noqa: E402
 from tiny_llama import LlamaConfig, build_model  # noqa: E402
@@ -239,12 +240,8 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # bytes held, bytes predicted
 # ---------------------------------------------------------------------------------------------
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def local_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else _nbytes(_local(t))
+    return 0 if t is None else _nbytes(local(t))
 
 
 def state_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .capture import capture
-from .distributed import is_sharded, unsharded_copy
+from .distributed import is_fully_sharded, unsharded_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
@@ -164,7 +164,7 @@ def merge(module: nn.Module) -> DynLoRAModule:
     A sharded module (``dl.fully_shard``) is gathered whole first: every rank must call this, and
     every rank gets the whole merged module."""
     src = unwrap(module)
-    out = unsharded_copy(src) if is_sharded(src) else copy.deepcopy(src)
+    out = unsharded_copy(src) if is_fully_sharded(src) else copy.deepcopy(src)
     _fold_adapters(out.model, out.iter_adapters())
     for g in out._unique_graphs():
         for body in (g, *region_bodies(g)):
@@ -182,7 +182,7 @@ def merge_and_unload(module: nn.Module) -> nn.Module:
     ``generate``, ``torch.save`` or further training as a plain model. ``module`` is left as it is.
     Refuses to fold non-finite values. Of a sharded module: a collective, as :func:`merge`."""
     src = unwrap(module)
-    if is_sharded(src):
+    if is_fully_sharded(src):
         src = unsharded_copy(src)
         model = src.model
     else:

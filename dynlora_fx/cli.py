@@ -489,34 +489,28 @@ def _write_json(path: str | None, report: dict[str, Any]) -> None:
                                "pass a path in a writable folder") from None
 
 
-def _parallel(module: nn.Module, blocks_of: nn.Module, args: argparse.Namespace, ctx: Dist, mesh: Any,
-              adapted: bool) -> nn.Module:
+def _parallel(module: nn.Module, args: argparse.Namespace, ctx: Dist, mesh: Any, adapted: bool) -> nn.Module:
     """What the training loop calls: ``module`` as it is (one process), compiled on request; under
     torchrun wrapped in DDP, or sharded in place with FSDP2 (``--shard``: ``dl.fully_shard`` for the
     transformed module, torch's ``fully_shard`` per repeated block and at the root for the baseline)."""
-    if not ctx.on:
-        if args.compile:
-            return dl_compile(module) if adapted else torch.compile(module)
-        return module
-    if args.shard:
-        if adapted:
-            dl_fully_shard(module, mesh=mesh)
-        else:
-            from torch.distributed.fsdp import fully_shard as torch_fully_shard
+    sharded = ctx.on and args.shard
+    if sharded and adapted:
+        dl_fully_shard(module, mesh=mesh)
+    elif sharded:
+        from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
-            from .passes import repeated_blocks
+        from .passes import repeated_blocks
 
-            for name in repeated_blocks(blocks_of):
-                torch_fully_shard(blocks_of.get_submodule(name), mesh=mesh)
-            torch_fully_shard(blocks_of, mesh=mesh)
-        if args.compile:  # FSDP2's hooks stay outside the compiled graphs (one per block and the root)
-            return dl_compile(module) if adapted else torch.compile(module)
-        return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if args.compile:
+        for name in repeated_blocks(module):
+            torch_fully_shard(module.get_submodule(name), mesh=mesh)
+        torch_fully_shard(module, mesh=mesh)
+    if args.compile:  # sharded: FSDP2's hooks stay outside the compiled graphs (one per block and the root)
         module = dl_compile(module) if adapted else torch.compile(module)
-    return DDP(module)
+    if ctx.on and not sharded:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        module = DDP(module)
+    return module
 
 
 def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: DynLoRAModule,
@@ -546,11 +540,11 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         mesh = init_device_mesh("cpu", (ctx.world,))  # the CLI trains on the CPU
     gm.train()
     parallel = dict(rank=ctx.rank, world=ctx.world)
-    runs = {"adapted": Trainer(_parallel(gm, gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
+    runs = {"adapted": Trainer(_parallel(gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
                                inputs_of, **parallel)}
     if args.baseline:
         base = copy.deepcopy(model).train()
-        runs["baseline"] = Trainer(_parallel(base, base, args, ctx, mesh, False), None, settings, user.loss_fn,
+        runs["baseline"] = Trainer(_parallel(base, args, ctx, mesh, False), None, settings, user.loss_fn,
                                    inputs_of, **parallel)
     start = 0
     if args.resume:

@@ -33,12 +33,13 @@ from .module import AdapterTree, DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered
 
-__all__ = ["fully_shard", "is_sharded", "unsharded_copy"]
+__all__ = ["fully_shard", "is_fully_sharded", "unsharded_copy"]
 
 _TEMPLATE = "_unsharded_template"  # a meta-device copy of the module before sharding (for merge)
 
 
-def is_sharded(gm: DynLoRAModule) -> bool:
+def is_fully_sharded(gm: DynLoRAModule) -> bool:
+    """Whether ``dl.fully_shard`` sharded ``gm`` (with or without per-block units)."""
     return isinstance(gm, FSDPModule)
 
 
@@ -131,14 +132,13 @@ def _unit_blocks(gm: DynLoRAModule) -> dict[str, list[Any]]:
     candidates = repeated_blocks(gm.model)
     graphs = gm._unique_graphs()
     skipped: dict[str, str] = {}
+    by_block: dict[str, list[Any]] = {b: [] for b in candidates}
     for graph in graphs:
         have = {r.block for r in region_modules(graph)}
         plan = find_regions(graph, [b for b in candidates if b not in have], recompute=False)
         outline_regions(graph, plan, recompute=False)
         for block, reason in plan.skipped:
             skipped.setdefault(block, reason)
-    by_block: dict[str, list[Any]] = {b: [] for b in candidates}
-    for graph in graphs:
         for region in region_modules(graph):
             if region.block in by_block:
                 by_block[region.block].append(region)

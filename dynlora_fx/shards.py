@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate
 
 __all__ = ["is_sharded", "local", "local_range", "gathered", "sum_across", "assign", "shard_like"]
 
@@ -26,14 +26,10 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def local_range(t: torch.Tensor) -> tuple[int, int, int]:
-    """``(dim, start, stop)``: the global index range along the sharded dim this rank holds
-    (``torch.chunk``'s split, which FSDP2 uses); ``(0, 0, size(0))`` for an unsharded tensor."""
-    if not isinstance(t, DTensor):
-        return 0, 0, t.shape[0] if t.dim() else 0
+def local_range(t: DTensor) -> tuple[int, int, int]:
+    """``(dim, start, stop)``: the global index range along the dim a ``Shard(dim)`` DTensor is
+    split on that this rank holds (``torch.chunk``'s split, which FSDP2 uses)."""
     (placement,) = t.placements
-    if not isinstance(placement, Shard):
-        return 0, 0, t.shape[0]
     dim, size = placement.dim, t.shape[placement.dim]
     world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
     chunk = -(-size // world)
@@ -57,8 +53,10 @@ def sum_across(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """``param.copy_(value)`` for a whole-tensor ``value``: each rank copies its own slice."""
-    dim, start, stop = local_range(param)
-    local(param).copy_(value.narrow(dim, start, stop - start) if is_sharded(param) else value)
+    if is_sharded(param):
+        dim, start, stop = local_range(param)
+        value = value.narrow(dim, start, stop - start)
+    local(param).copy_(value)
 
 
 def shard_like(value: torch.Tensor, param: torch.Tensor, replicate: bool = False) -> torch.Tensor:

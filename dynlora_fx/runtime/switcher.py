@@ -33,6 +33,7 @@ import torch.nn as nn
 from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors
 from ..config import ReLoRA, SwitchLoRA
 from ..errors import StateError
+from ..distributed import is_fully_sharded
 from ..module import Adapter, DynLoRAModule, SwitchState, device_seed, unwrap
 from ..shards import gathered, is_sharded, local, local_range, sum_across
 from .optim import AdamW, VectorGroup
@@ -72,7 +73,7 @@ class Switcher:
             raise StateError("dl.attach", f"the optimizer does not hold the adapters of {missing[:3]}"
                              f"{' …' if len(missing) > 3 else ''}",
                              "build the optimizer over the transformed module's parameters: dl.AdamW(gm.parameters())"
-                             + (", after dl.fully_shard (sharding replaces the parameters)" if gm.sharded else ""))
+                             + (", after dl.fully_shard (sharding replaces the parameters)" if is_fully_sharded(gm) else ""))
         self.config = gm.dynlora_config
         if isinstance(self.config, SwitchLoRA) and not isinstance(optimizer, AdamW):
             raise StateError("dl.attach", f"SwitchLoRA needs per-vector optimizer state, got {type(optimizer).__name__}",
