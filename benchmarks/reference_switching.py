@@ -24,7 +24,7 @@ class ReferenceSwitcher(Switcher):
         super().__init__(gm, optimizer, total_steps)
         self.tables = {}  # stored candidates: adapter -> (A rows (E, K, n), B columns (E, K, m))
         for ad in self.adapters:
-            every = torch.arange(ad.num_candidates).expand(*ad.target.batch, ad.num_candidates)
+            every = torch.arange(ad.num_candidates, device=ad.A.device).expand(*ad.target.batch, ad.num_candidates)
             E = math.prod(ad.target.batch)
             self.tables[id(ad)] = (ad.generate_candidates(SIDE_A, every).reshape(E, ad.num_candidates, -1),
                                    ad.generate_candidates(SIDE_B, every).reshape(E, ad.num_candidates, -1))

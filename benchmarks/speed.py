@@ -542,7 +542,7 @@ def run_memory_probe(cfg: LlamaConfig, batch: tuple, args: argparse.Namespace, d
     recomputation only without: checkpointing recomputes every W' anyway)."""
     x = batch[0]
     t0 = time.perf_counter()
-    targets = {a.weight for a in dl.adapters(dl.transform(build_model(cfg), (x,), dl.LoRA(rank=args.rank)))}
+    targets = {a.weight for a in dl.adapters(dl.transform(build_model(cfg).to(device), (x,), dl.LoRA(rank=args.rank)))}
     rows = []
     for checkpointed in (False, True):
         for method, form in MEMORY_ROWS:
