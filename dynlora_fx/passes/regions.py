@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.utils.checkpoint as torch_checkpoint
+
+from .._compat import checkpoint_calls
 
 __all__ = ["Region", "RegionPlan", "find_regions", "parameter_only", "repeated_blocks", "recording_checkpointed_modules"]
 
@@ -283,21 +284,20 @@ def recording_checkpointed_modules() -> Iterator[set[int]]:
             recorded.add(id(module))
             pending[-1] = False
 
-    def run_directly(function: Any, args: tuple, kwargs: dict, **_: Any) -> Any:
+    @contextlib.contextmanager
+    def running(function: Any) -> Iterator[None]:
         module = _module_of(function)
         if module is not None:
             recorded.add(id(module))
         pending.append(module is None)  # a closure: the first module it calls is the block
         try:
-            return function(*args, **kwargs)
+            yield
         finally:
             pending.pop()
 
-    original = torch_checkpoint._checkpoint_impl
     handle = nn.modules.module.register_module_forward_pre_hook(first_module_entered)
-    torch_checkpoint._checkpoint_impl = run_directly
     try:
-        yield recorded
+        with checkpoint_calls(running):
+            yield recorded
     finally:
-        torch_checkpoint._checkpoint_impl = original
         handle.remove()
