@@ -189,10 +189,20 @@ def build_model(tl: types.ModuleType, p: Preset, seed: int) -> nn.Module:
     return model
 
 
+_BARE = "_dynlora_bare_package"  # marks the galore_torch package load_galore put in sys.modules
+
+
 def load_galore() -> tuple[Any, str]:
     """GaLoreAdamW and how it was imported. galore-torch 1.0's ``__init__`` also imports its
     8-bit optimizer, which needs bitsandbytes; without bitsandbytes the plain AdamW module is
-    loaded on its own (it needs only torch and transformers)."""
+    loaded on its own (it needs only torch and transformers). Safe to call again: a later call
+    finds the package the first one left in ``sys.modules``."""
+    bypassed = "galore_torch.adamw.AdamW (bitsandbytes missing: package __init__ bypassed)"
+    loaded = sys.modules.get("galore_torch")
+    if loaded is not None and getattr(loaded, _BARE, False):
+        # an earlier call's bare package: `from galore_torch import GaLoreAdamW` would raise
+        # ImportError (the bare package has no such name), and __init__ would fail as before
+        return importlib.import_module("galore_torch.adamw").AdamW, bypassed
     try:
         from galore_torch import GaLoreAdamW
         return GaLoreAdamW, "galore_torch.GaLoreAdamW"
@@ -205,9 +215,10 @@ def load_galore() -> tuple[Any, str]:
     pkg = types.ModuleType("galore_torch")
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__spec__ = spec
+    setattr(pkg, _BARE, True)
     sys.modules["galore_torch"] = pkg  # bare package: __init__ (and its bitsandbytes import) skipped
     mod = importlib.import_module("galore_torch.adamw")
-    return mod.AdamW, "galore_torch.adamw.AdamW (bitsandbytes missing: package __init__ bypassed)"
+    return mod.AdamW, bypassed
 
 
 # -- one run ---------------------------------------------------------------------------------

@@ -15,4 +15,10 @@ from .runtime import AdamW, Switcher, attach
 
 __all__ = ["transform", "merge", "merge_and_unload", "compile", "fully_shard", "export_onnx", "adapters", "AdapterInfo", "DynLoRAModule", "SwitchLoRA", "LoRA", "ReLoRA",
            "config_from_json", "DynLoRAError", "AdamW", "attach", "Switcher"]
-__version__ = "0.1.0"
+# the one place the version lives is pyproject.toml, read back from the installed metadata
+from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+
+try:
+    __version__ = _version("dynlora-fx")
+except _NotInstalled:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -1,58 +1,57 @@
-"""What differs between the torch releases this project supports, in one place.
+"""What differs between the torch releases pyproject.toml admits, in one place.
 
-Each entry detects the feature itself (never a version number), so a release that backports or
-drops it is handled by what it has.
+Each helper names the newest behaviour and says which release brought it; code elsewhere calls
+the helper and never checks torch's version itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch.utils.checkpoint as torch_checkpoint
 
-__all__ = ["checkpoint_runs_directly"]
+# checkpoint(function, *args, **kwargs) and checkpoint_sequential both end in
+# _checkpoint_impl(function, args, kwargs, **options) since torch 2.14; 2.13 does the work inside
+# checkpoint() itself, through CheckpointFunction.apply (reentrant) or
+# _checkpoint_without_reentrant_generator (non-reentrant).
+_HAS_CHECKPOINT_IMPL = hasattr(torch_checkpoint, "_checkpoint_impl")
 
 
 @contextlib.contextmanager
-def checkpoint_runs_directly(enter: Callable[[Any], None], leave: Callable[[], None]) -> Iterator[None]:
-    """While active, ``torch.utils.checkpoint.checkpoint`` (both variants) runs its function
-    directly, calling ``enter(function)`` before and ``leave()`` after it.
+def checkpoint_calls(around: Callable[[Any], ContextManager[Any]]) -> Iterator[None]:
+    """While active, every ``torch.utils.checkpoint.checkpoint`` (either variant, and through
+    ``checkpoint_sequential``) runs its function directly, inside ``around(function)``, instead
+    of checkpointing it. Patched where the call ends up rather than ``checkpoint`` itself, which
+    models (transformers) hold by reference from import time."""
+    if _HAS_CHECKPOINT_IMPL:
+        def run(function: Any, args: tuple, kwargs: dict, **_: Any) -> Any:
+            with around(function):
+                return function(*args, **kwargs)
 
-    torch >= 2.14 funnels both variants through ``_checkpoint_impl(function, args, kwargs, ...)``.
-    Earlier releases call ``CheckpointFunction.apply(function, preserve, *args)`` (reentrant) or
-    drive ``_checkpoint_without_reentrant_generator(function, ...)`` around their own
-    ``function(*args, **kwargs)`` (non-reentrant): both are replaced there.
-    """
-
-    def run(function: Any, args: tuple, kwargs: dict) -> Any:
-        enter(function)
+        saved = torch_checkpoint._checkpoint_impl
+        torch_checkpoint._checkpoint_impl = run
         try:
-            return function(*args, **kwargs)
+            yield
         finally:
-            leave()
+            torch_checkpoint._checkpoint_impl = saved
+        return
 
-    if hasattr(torch_checkpoint, "_checkpoint_impl"):
-        patches = {"_checkpoint_impl": lambda function, args, kwargs, **_: run(function, args, kwargs)}
-    else:
-        class Direct:  # stands in for CheckpointFunction: only .apply is called
-            @staticmethod
-            def apply(function: Any, _preserve: bool, *args: Any) -> Any:
-                return run(function, args, {})
+    class Direct:  # stands in for CheckpointFunction: checkpoint() only calls .apply(function, preserve, *args)
+        @staticmethod
+        def apply(function: Any, _preserve: Any, *args: Any) -> Any:
+            with around(function):
+                return function(*args)
 
-        def around(function: Any, *_: Any, **__: Any) -> Iterator[None]:
-            enter(function)  # checkpoint() calls the function between the generator's two steps
-            try:
-                yield
-            finally:
-                leave()
+    def generator(function: Any, *_: Any, **__: Any) -> Iterator[None]:
+        # checkpoint() itself calls function(*args, **kwargs) between this one yield and the end
+        with around(function):
+            yield
 
-        patches = {"CheckpointFunction": Direct, "_checkpoint_without_reentrant_generator": around}
-    originals = {name: getattr(torch_checkpoint, name) for name in patches}
-    for name, patch in patches.items():
-        setattr(torch_checkpoint, name, patch)
+    saved_classic = torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator
+    torch_checkpoint.CheckpointFunction = Direct
+    torch_checkpoint._checkpoint_without_reentrant_generator = generator
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(torch_checkpoint, name, original)
+        torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator = saved_classic

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .._compat import checkpoint_runs_directly
+from .._compat import checkpoint_calls
 
 __all__ = ["Region", "RegionPlan", "find_regions", "parameter_only", "repeated_blocks", "recording_checkpointed_modules"]
 
@@ -284,15 +284,20 @@ def recording_checkpointed_modules() -> Iterator[set[int]]:
             recorded.add(id(module))
             pending[-1] = False
 
-    def enter(function: Any) -> None:
+    @contextlib.contextmanager
+    def running(function: Any) -> Iterator[None]:
         module = _module_of(function)
         if module is not None:
             recorded.add(id(module))
         pending.append(module is None)  # a closure: the first module it calls is the block
+        try:
+            yield
+        finally:
+            pending.pop()
 
     handle = nn.modules.module.register_module_forward_pre_hook(first_module_entered)
     try:
-        with checkpoint_runs_directly(enter, pending.pop):
+        with checkpoint_calls(running):
             yield recorded
     finally:
         handle.remove()
