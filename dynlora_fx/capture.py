@@ -19,6 +19,7 @@ time so ``.to()``/``load_state_dict`` reach both graphs) and ``constants.<name>`
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Capture", "capture", "graph_module", "MODES"]
+__all__ = ["Capture", "capture", "recapture", "guard_checker", "graph_module", "MODES"]
 
 MODES = ("train", "eval")
 # nn modules kept opaque by fx (their weights are read from the module); every other
@@ -347,7 +348,7 @@ def _guard_static_dims(graph: fx.Graph) -> None:
     graph.lint()
 
 
-def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict
+def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None
                 ) -> tuple[dict[str, fx.GraphModule] | None, str]:
     graphs: dict[str, fx.GraphModule] = {}
     # A view as example input (e.g. batch[:2, :32]) makes torch.export guard on its base
@@ -360,11 +361,12 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
             model.train(mode == "train")
             errors = []
             ep = None
-            for dims in ("all", "batch", "none"):  # prefer the most dynamic capture that works
+            # prefer the most dynamic capture that works; the user's dynamic_shapes, when given, as they are
+            for dims in ("all", "batch", "none") if dynamic_shapes is None else ("user",):
                 try:
-                    ep = torch.export.export(model, args, kwargs,
-                                             dynamic_shapes=_dynamic_shapes(model, args, kwargs, dims),
-                                             strict=False)
+                    ep = torch.export.export(model, args, kwargs, strict=False,
+                                             dynamic_shapes=dynamic_shapes if dims == "user"
+                                             else _dynamic_shapes(model, args, kwargs, dims))
                     break
                 except Exception as exc:  # noqa: BLE001
                     errors.append(exc)
@@ -406,21 +408,76 @@ def _put_back(state: list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor 
             m.__dict__[name] = obj
 
 
-def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Capture:
+def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic_shapes: Any = None) -> Capture:
     """Capture ``model`` (which the graphs will share, so pass a copy) for both modes.
 
     ``args``/``kwargs`` are example inputs; without them only symbolic tracing is possible.
-    Raises ``CaptureError`` when neither path works. The model's buffers and tensor
-    attributes are as they were when it returns.
+    ``dynamic_shapes`` goes to ``torch.export`` as it is (by default every input dim is
+    ``Dim.AUTO``, then the batch dims, then none). Raises ``CaptureError`` when neither path
+    works. The model's buffers and tensor attributes are as they were when it returns.
     """
     state = _state(model)
     try:
-        return _capture(model, args, dict(kwargs or {}))
+        return _capture(model, args, dict(kwargs or {}), dynamic_shapes)
     finally:
         _put_back(state)
 
 
-def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
+def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, *, dynamic_shapes: Any = None,
+              trained: tuple[nn.Parameter, ...] = ()) -> dict[str, fx.GraphModule]:
+    """Capture ``model`` again with ``torch.export`` for other inputs: both modes' graphs, reading
+    the same ``model``/``constants`` trees as the first capture, verified against ``model`` like it.
+    ``trained`` (parameters frozen since the first capture: adapted weights) get their gradients
+    checked too. Raises ``CaptureError``; buffers and tensor attributes are put back."""
+    state = _state(model)
+    flags = [(p, p.requires_grad) for p in trained]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        graphs, why = _try_export(model, constants, args, dict(kwargs), dynamic_shapes)
+        if graphs is not None:
+            for g in {id(g): g for g in graphs.values()}.values():
+                g.graph.lint()
+            why = _verify(model, graphs, args, kwargs)
+            why = why and f"torch.export's graph is wrong: {why}"
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        _put_back(state)
+    if why:
+        raise CaptureError(f"{type(model).__name__}.forward", f"capturing it again for inputs outside the first "
+                           f"capture's conditions failed ({why})",
+                           "transform with example inputs shaped like these calls, or pad the inputs to a size "
+                           "already captured")
+    return graphs
+
+
+def guard_checker(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A module taking ``gm``'s inputs that runs only its input guards (torch.export's ``_guards_fn``
+    and the static-size check): it raises their ``AssertionError('Guard failed: …')`` where ``gm``
+    would, before any of ``gm``'s work. None when ``gm`` has no guard (an fx capture)."""
+    guards = [n for n in gm.graph.nodes if (n.op == "call_module" and n.target == "_guards_fn")
+              or (n.op == "call_function" and n.target is check_static_dims)]
+    if not guards:
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node)
+    for node in guards:
+        graph.node_copy(node, lambda a: env[a])
+    graph.output(None)
+    codegen = copy.copy(gm.graph._codegen)
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:  # same inputs, flattened the same way; nothing to unflatten on the way out
+        codegen.pytree_info = info._replace(out_spec=None)
+    graph._codegen = codegen
+    attrs = {"_guards_fn": gm._guards_fn} if hasattr(gm, "_guards_fn") else {}
+    return graph_module(graph, attrs)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Capture:
     have_inputs = bool(args) or bool(kwargs)
     if have_inputs:
         was_training = model.training
@@ -457,7 +514,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
                            "pass example_inputs (and example_kwargs) so torch.export can capture the model, "
                            "or make the traced code free of Python control flow on tensors")
     constants = nn.Module()
-    graphs, why = _try_export(model, constants, args, kwargs)
+    graphs, why = _try_export(model, constants, args, kwargs, dynamic_shapes)
     if graphs is None:
         notes.append(why)
         raise CaptureError(f"{type(model).__name__}.forward", "; ".join(notes),
