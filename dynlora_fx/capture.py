@@ -243,6 +243,8 @@ def _verify(model: nn.Module, graphs: dict[str, fx.GraphModule], args: tuple, kw
     was_training = model.training
     try:
         for mode in MODES:
+            if mode not in graphs:
+                continue
             model.train(mode == "train")  # fx leaf modules (dropout, batch norm) read the mode at run time
             try:
                 ref = _probe(model, model, args, kwargs)
@@ -348,8 +350,8 @@ def _guard_static_dims(graph: fx.Graph) -> None:
     graph.lint()
 
 
-def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None
-                ) -> tuple[dict[str, fx.GraphModule] | None, str]:
+def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None,
+                modes: tuple[str, ...] = MODES) -> tuple[dict[str, fx.GraphModule] | None, str]:
     graphs: dict[str, fx.GraphModule] = {}
     # A view as example input (e.g. batch[:2, :32]) makes torch.export guard on its base
     # (``x._base.size()[1] != x.size()[1]``), which every later call with a tensor of its own
@@ -357,7 +359,7 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
     args, kwargs = pytree.tree_map_only(torch.Tensor, _own_storage, (args, kwargs))
     was_training = model.training
     try:
-        for mode in MODES:
+        for mode in modes:
             model.train(mode == "train")
             errors = []
             ep = None
@@ -424,8 +426,8 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, dyna
 
 
 def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, *, dynamic_shapes: Any = None,
-              trained: tuple[nn.Parameter, ...] = ()) -> dict[str, fx.GraphModule]:
-    """Capture ``model`` again with ``torch.export`` for other inputs: both modes' graphs, reading
+              trained: tuple[nn.Parameter, ...] = (), modes: tuple[str, ...] = MODES) -> dict[str, fx.GraphModule]:
+    """Capture ``model`` again with ``torch.export`` for other inputs: the graphs of ``modes``, reading
     the same ``model``/``constants`` trees as the first capture, verified against ``model`` like it.
     ``trained`` (parameters frozen since the first capture: adapted weights) get their gradients
     checked too. Raises ``CaptureError``; buffers and tensor attributes are put back."""
@@ -434,7 +436,7 @@ def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict,
     try:
         for p, _ in flags:
             p.requires_grad_(True)
-        graphs, why = _try_export(model, constants, args, dict(kwargs), dynamic_shapes)
+        graphs, why = _try_export(model, constants, args, dict(kwargs), dynamic_shapes, modes)
         if graphs is not None:
             for g in {id(g): g for g in graphs.values()}.values():
                 g.graph.lint()

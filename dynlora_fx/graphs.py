@@ -63,6 +63,8 @@ class GraphSet:
 
     def broken(self, mode: str, args: tuple, kwargs: dict) -> str | None:
         """The guard these inputs break in ``mode`` (its condition), or None when the graph takes them."""
+        if mode not in self.graphs:  # the model itself rejected the inputs of this set in this mode
+            return f"a graph captured in {'eval' if mode == 'train' else 'train'} mode only"
         check = self.checks.get(mode)
         if check is None:
             return None
@@ -93,7 +95,7 @@ def prepare_graphs(graphs: dict[str, fx.GraphModule]) -> dict[str, fx.GraphModul
     graphs = dict(graphs)
     for g in {id(g): g for g in graphs.values()}.values():
         functionalize_leaves(g)
-    if graphs["train"] is not graphs["eval"] and graphs["train"].code == graphs["eval"].code:
+    if len(graphs) == 2 and graphs["train"] is not graphs["eval"] and graphs["train"].code == graphs["eval"].code:
         graphs["eval"] = graphs["train"]  # mode-independent graph: keep (and later compile) one
     return graphs
 
@@ -108,7 +110,7 @@ def adapt_graphs(gm: DynLoRAModule, graphs: dict[str, fx.GraphModule], *, region
         insert_adapters(g, gm.plan)
     if not regions:
         return
-    if gm.checkpointed:
+    if gm.checkpointed and "train" in graphs:
         train = graphs["train"]
         outline_regions(train, find_regions(train, list(gm.checkpointed)), recompute=True)
     if gm.sharded:
@@ -161,9 +163,16 @@ def recapture_for(gm: DynLoRAModule, mode: str, args: tuple, kwargs: dict, broke
                            "dl.fully_shard (call the module once per size), or pad the inputs to a captured size")
     model = gm.model
     _run_model(model, mode, args, kwargs)  # the model's own error, if it has one for these inputs
+    other = "eval" if mode == "train" else "train"
+    try:  # a mode in which the model rejects the inputs (batch norm on one sample in training) has no graph
+        _run_model(model, other, args, kwargs)
+        modes = ("train", "eval")
+    except Exception:  # noqa: BLE001 - the model's own failure in the other mode, met again if called so
+        modes = (mode,)
     trained = tuple(model.get_parameter(t.weight) for t in gm.plan.targets)
     with recording_checkpointed_modules():  # see through the model's own checkpoint calls, as transform does
-        graphs = recapture(model, gm.constants, args, kwargs, dynamic_shapes=gm.dynamic_shapes, trained=trained)
+        graphs = recapture(model, gm.constants, args, kwargs, dynamic_shapes=gm.dynamic_shapes, trained=trained,
+                           modes=modes)
     graphs = prepare_graphs(graphs)
     adapt_graphs(gm, graphs)
     new = GraphSet(graphs, shapes)
