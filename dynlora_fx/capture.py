@@ -323,15 +323,18 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad)
 
 
-def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...]) -> None:
+def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...],
+                      guards: tuple[tuple[str, str], ...] | None = None) -> None:
     """Raise export's own kind of guard failure when an input's size differs where the graph
-    was specialised to the example's size: ``(input index, dim, size, input name)`` per dim."""
+    was specialised to the example's size: ``(input index, dim, size, input name)`` per dim.
+    ``guards`` (export's own, as ``(code over args[i], condition)``) are checked by its ``_guards_fn``
+    in the graph; they ride along for :func:`guard_checker`."""
     for i, d, size, name in dims:
         if inputs[i].shape[d] != size:
             raise AssertionError(f"Guard failed: {name}.size()[{d}] == {size}")
 
 
-def _guard_static_dims(graph: fx.Graph) -> None:
+def _guard_static_dims(graph: fx.Graph, guards: tuple[tuple[str, str], ...] | None) -> None:
     """torch.export turns a dimension static when the code pins it (an int in a view, a branch on
     it, a 0/1 specialisation) but its graph module does not check static sizes at call time: an
     input of another size runs and can silently broadcast against a baked-in shape. Check them
@@ -342,12 +345,60 @@ def _guard_static_dims(graph: fx.Graph) -> None:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             dims += [(i, d, int(size), node.name) for d, size in enumerate(val.shape) if is_concrete_int(size)]
-    if not dims:
+    if not dims and not guards:
         return
     anchor = next((n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), placeholders[-1])
     with graph.inserting_after(anchor):
-        graph.call_function(check_static_dims, tuple(placeholders), {"dims": tuple(dims)})
+        graph.call_function(check_static_dims, tuple(placeholders), {"dims": tuple(dims), "guards": guards})
     graph.lint()
+
+
+def _export_module(ep: Any) -> tuple[fx.GraphModule, tuple[tuple[str, str], ...] | None]:
+    """``ep.module()``, and its input guards as ``(Python code over args[i], condition)`` pairs, as
+    export writes them into its ``_guards_fn`` (None where they could not be read)."""
+    from torch.export import _unlift
+
+    seen: list[tuple[list[str], list[Any]]] = []
+    original = _unlift._convert_guards_code_to_fn
+
+    def spy(guards_code: list[str], paths: list[Any]) -> Any:
+        seen.append((list(guards_code), list(paths)))
+        return original(guards_code, paths)
+
+    _unlift._convert_guards_code_to_fn = spy
+    try:
+        src = ep.module()
+    finally:
+        _unlift._convert_guards_code_to_fn = original
+    if len(seen) != 1:
+        return src, None
+    try:
+        pairs = []
+        for code in seen[0][0]:
+            actual, shown = code, code
+            for i, path in enumerate(seen[0][1]):  # as torch.export._unlift names the placeholders
+                actual = actual.replace("L" + pytree.keystr(path), f"args[{i}]")
+                shown = shown.replace("L" + pytree.keystr(path), path[0].key + pytree.keystr(path[1:]))
+            pairs.append((actual, shown.replace("\n", "")))
+    except Exception:  # noqa: BLE001 - an unexpected path kind: the checker falls back to _guards_fn
+        return src, None
+    return src, tuple(pairs)
+
+
+def _broken_guard_fn(dims: tuple[tuple[int, int, int, str], ...], guards: tuple[tuple[str, str], ...]) -> Any:
+    """A function of the graph's flat inputs returning the first guard they break (its condition) or
+    None: plain comparisons of sizes, which torch.compile traces into guards of its own."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    lines = ["def broken_guard(*args):"]
+    for i, d, size, name in dims:
+        lines.append(f"    if args[{i}].shape[{d}] != {size}: return {f'{name}.size()[{d}] == {size}'!r}")
+    for actual, shown in guards:
+        lines.append(f"    if not ({actual}): return {shown!r}")
+    lines.append("    return None")
+    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf")}
+    exec("\n".join(lines), namespace)  # noqa: S102 - export's own guard code, as its _guards_fn runs it
+    return torch._dynamo.dont_skip_tracing(namespace["broken_guard"])
 
 
 def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None,
@@ -374,9 +425,9 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
                     errors.append(exc)
             if ep is None:
                 return None, f"torch.export failed: {_first_line(errors[-1])}"
-            src = ep.module()
+            src, guards = _export_module(ep)
             graph = src.graph
-            _guard_static_dims(graph)
+            _guard_static_dims(graph, guards)
             extra: dict[str, nn.Module] = {}
             _retarget(graph, src, model, constants, extra)
             graphs[mode] = graph_module(graph, {"model": model, "constants": constants, **extra})
@@ -455,28 +506,39 @@ def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict,
 
 
 def guard_checker(gm: fx.GraphModule) -> fx.GraphModule | None:
-    """A module taking ``gm``'s inputs that runs only its input guards (torch.export's ``_guards_fn``
-    and the static-size check): it raises their ``AssertionError('Guard failed: …')`` where ``gm``
-    would, before any of ``gm``'s work. None when ``gm`` has no guard (an fx capture)."""
-    guards = [n for n in gm.graph.nodes if (n.op == "call_module" and n.target == "_guards_fn")
-              or (n.op == "call_function" and n.target is check_static_dims)]
-    if not guards:
+    """A module taking ``gm``'s inputs that returns the first of ``gm``'s input guards they break
+    (torch.export's ``_guards_fn`` and the static-size check), as its condition, or None when ``gm``
+    takes them: plain size comparisons, no exception, so torch.compile traces the choice of a graph.
+    None when ``gm`` has no guard (an fx capture)."""
+    checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is check_static_dims]
+    if not checks:
         return None
+    dims, guards = checks[0].kwargs["dims"], checks[0].kwargs.get("guards")
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.node_copy(node)
-    for node in guards:
-        graph.node_copy(node, lambda a: env[a])
-    graph.output(None)
+    inputs = [graph.node_copy(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    if guards is None:  # export's guards as code were not read: ask its _guards_fn (eagerly only)
+        graph.output(graph.call_function(_broken_guard_eager, (graph.get_attr("_guards_fn"), *inputs),
+                                         {"dims": dims}))
+    else:
+        graph.output(graph.call_function(_broken_guard_fn(dims, guards), tuple(inputs)))
     codegen = copy.copy(gm.graph._codegen)
     info = getattr(codegen, "pytree_info", None)
-    if info is not None:  # same inputs, flattened the same way; nothing to unflatten on the way out
+    if info is not None:  # same inputs, flattened the same way; the result as it is
         codegen.pytree_info = info._replace(out_spec=None)
     graph._codegen = codegen
-    attrs = {"_guards_fn": gm._guards_fn} if hasattr(gm, "_guards_fn") else {}
-    return graph_module(graph, attrs)
+    return graph_module(graph, {"_guards_fn": gm._guards_fn} if hasattr(gm, "_guards_fn") else {})
+
+
+def _broken_guard_eager(guards_fn: Any, *inputs: Any, dims: tuple[tuple[int, int, int, str], ...]) -> str | None:
+    try:
+        guards_fn(*inputs)
+        check_static_dims(*inputs, dims=dims)
+    except AssertionError as exc:
+        message = str(exc).strip()
+        if message.startswith("Guard failed:"):
+            return message[len("Guard failed:"):].strip()
+        raise
+    return None
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Capture:

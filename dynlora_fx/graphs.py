@@ -8,9 +8,10 @@ guard set, tried in order, and a call that breaks the guards of every set captur
 again for those inputs (:func:`recapture`): the same shared state trees, the *same* adapters
 (matched by weight name through the existing plan), verified like the first capture, then
 through the same per-graph pipeline (:func:`adapt_graphs`) as ``dl.transform``'s own graphs:
-adapters inserted, checkpointed and sharded blocks outlined as regions (a sharded block's
-region runs through the block's existing FSDP unit). Graphs hold no state of their own, so
-switching, resuming and ``state_dict`` do not see them.
+adapters inserted, checkpointed blocks outlined as recomputed regions. ``dl.fully_shard``
+outlines its FSDP units' regions in every graph of every set captured by then; a sharded
+module does not capture again (its weights are shards): that is a ``DynLoRAError``. Graphs
+hold no state of their own, so switching, resuming and ``state_dict`` do not see them.
 
 Past ``gm.recapture_limit`` sets (default 8) a call is a ``DynLoRAError`` naming the dimension
 that keeps changing and what to do.
@@ -29,7 +30,7 @@ from torch.utils import _pytree as pytree
 from .capture import _put_back, _state, guard_checker, recapture
 from .errors import DynLoRAError
 from .passes import find_regions, functionalize_leaves, insert_adapters, outline_regions, \
-    recording_checkpointed_modules, region_modules
+    recording_checkpointed_modules
 
 if TYPE_CHECKING:
     from .module import DynLoRAModule
@@ -43,8 +44,8 @@ DEFAULT_RECAPTURE_LIMIT = 8  # graph sets per module, as torch._dynamo's recompi
 @dataclass
 class GraphSet:
     """One graph per mode (``train``/``eval``, the same object when they are equal) valid under one
-    set of guards, with a checker per mode that raises the guards' ``AssertionError`` for inputs the
-    graph cannot take (None: no guard, as under fx), and the shapes of the inputs it was captured with."""
+    set of guards, with a checker per mode that returns the guard inputs break, or None when the graph
+    takes them (no checker: no guard, as under fx), and the shapes of the inputs it was captured with."""
 
     graphs: dict[str, fx.GraphModule]
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -66,16 +67,7 @@ class GraphSet:
         if mode not in self.graphs:  # the model itself rejected the inputs of this set in this mode
             return f"a graph captured in {'eval' if mode == 'train' else 'train'} mode only"
         check = self.checks.get(mode)
-        if check is None:
-            return None
-        try:
-            check(*args, **kwargs)
-        except AssertionError as exc:
-            message = str(exc).strip()
-            if message.startswith("Guard failed:"):
-                return message[len("Guard failed:"):].strip()
-            raise
-        return None
+        return None if check is None else check(*args, **kwargs)
 
 
 def input_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -103,8 +95,8 @@ def prepare_graphs(graphs: dict[str, fx.GraphModule]) -> dict[str, fx.GraphModul
 def adapt_graphs(gm: DynLoRAModule, graphs: dict[str, fx.GraphModule], *, regions: bool = True) -> None:
     """The per-graph pipeline after capture, for ``dl.transform``'s graphs and every recaptured set alike:
     the module's adapters are inserted (its plan: weights matched by name, no new adapter) and, with
-    ``regions``, the module's checkpointed blocks (train graph) and sharded blocks (every graph) are
-    outlined as regions; a sharded block's region runs through the block's existing FSDP unit."""
+    ``regions``, the module's checkpointed blocks are outlined in the train graph as recomputed regions.
+    (``dl.fully_shard`` outlines its units' regions in every graph of every set it finds.)"""
     for g in {id(g): g for g in graphs.values()}.values():
         g.add_module("adapters", gm.adapters)
         insert_adapters(g, gm.plan)
@@ -113,14 +105,6 @@ def adapt_graphs(gm: DynLoRAModule, graphs: dict[str, fx.GraphModule], *, region
     if gm.checkpointed and "train" in graphs:
         train = graphs["train"]
         outline_regions(train, find_regions(train, list(gm.checkpointed)), recompute=True)
-    if gm.sharded:
-        for g in {id(g): g for g in graphs.values()}.values():
-            have = {r.block for r in region_modules(g)}
-            plan = find_regions(g, [b for b in gm.sharded if b not in have], recompute=False)
-            outline_regions(g, plan, recompute=False)
-            for region in region_modules(g):
-                if region.block in gm.sharded:
-                    region.__dict__["unit"] = gm.adapters.get_submodule(region.block)
 
 
 def limit_error(gm: DynLoRAModule, shapes: tuple[tuple[str, tuple[int, ...]], ...], broken: str) -> DynLoRAError:

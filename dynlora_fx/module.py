@@ -283,8 +283,8 @@ class DynLoRAModule(nn.Module):
         mode = "train" if self.training else "eval"
         if torch.compiler.is_exporting():  # torch.export / ONNX of the module: the example's graph
             return self._graphs[mode](*args, **kwargs)
-        if torch.compiler.is_dynamo_compiling():  # the user's torch.compile: choose (or capture) eagerly
-            return self._traced_graph_for(mode, args, kwargs)(*args, **kwargs)
+        if torch.compiler.is_dynamo_compiling():  # the user's torch.compile: the checks are traced as guards
+            return self._graph_for(mode, args, kwargs)(*args, **kwargs)
         try:
             graph = self._graph_for(mode, args, kwargs)
             runner = self.__dict__.get("_runner")  # set by dl.compile's module for the duration of its call
@@ -302,10 +302,7 @@ class DynLoRAModule(nn.Module):
             broken = graph_set.broken(mode, args, kwargs)
             if broken is None:
                 return graph_set.graphs[mode]
-        return recapture_for(self, mode, args, kwargs, broken)
-
-    # Dynamo cannot trace a guard's AssertionError being caught: a graph break, then the choice runs eagerly
-    _traced_graph_for = torch.compiler.disable(_graph_for)
+        return recapture_for(self, mode, args, kwargs, broken)  # eagerly, also under torch.compile
 
     # -- being a good citizen of the wrapped model's ecosystem ------------------------------
     def _expose_signature(self) -> None:
