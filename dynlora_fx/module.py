@@ -4,7 +4,8 @@
 base weights frozen where adapted), ``adapters`` (``A``, ``B``, ``scale`` and the
 in-use candidate indices for every adapted weight, nested under the weight's own
 qualified name), ``constants`` and ``switch_state`` (the switcher's step, generators
-and counters) — and runs the train or eval graph by ``self.training``. The graphs are
+and counters) — and runs the train or eval graph by ``self.training``, of the first graph set
+whose guards the inputs meet (another is captured when none does: ``graphs.py``). The graphs are
 not registered submodules: state lives once, so ``.to()``, ``state_dict()`` and
 ``load_state_dict()`` see every tensor exactly once, and a framework that checkpoints
 the module and its optimizer resumes switching exactly.

@@ -195,3 +195,28 @@ def test_fifty_compiled_instances_all_run_compiled():
     for gm in mods[:12]:  # the user's own torch.compile: each instance its own forward code object
         torch.compile(gm, backend="eager")(x)
     assert counters["stats"]["unique_graphs"] == 12
+
+
+class Stack(nn.Module):
+    """Two repeated blocks, each a Python loop over time: checkpointed regions in every graph set."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([LoopCell() for _ in range(2)])
+
+    def forward(self, ids):
+        return sum(block(ids) for block in self.blocks)
+
+
+def test_a_new_graph_set_checkpoints_the_same_blocks():
+    torch.manual_seed(0)
+    model = Stack()
+    gm = dl.transform(model, (_ids(2, 4, 0),), dl.SwitchLoRA(rank=2), checkpoint=True)
+    assert gm.checkpointed == ("blocks.0", "blocks.1")
+    ids = _ids(3, 6, 1)
+    out = gm(ids)
+    out.square().mean().backward()
+    assert len(gm._graph_sets) == 2
+    regions = gm._graph_sets[1].graphs["train"].regions
+    assert [(r.block, r.recompute) for r in regions.children()] == [("blocks.0", True), ("blocks.1", True)]
+    torch.testing.assert_close(out, model(ids), rtol=1e-4, atol=1e-5)
