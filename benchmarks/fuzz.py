@@ -42,7 +42,10 @@ def run_one(seed: int, shrink: bool, checkpoint: bool = False) -> dict[str, Any]
                "failures": [{"check": "crash", "detail": f"{type(exc).__name__}: {exc}"[:600]}]}
     row = {"seed": seed, "features": fm.features(spec), "capture": res["capture"], "outcome": res["outcome"],
            "seconds": round(time.perf_counter() - t0, 3), "failures": res["failures"],
-           "notes": [n for n in res["notes"] if not n.startswith("switched")]}
+           "notes": [n for n in res["notes"] if not n.startswith(("switched", "graph sets: "))]}
+    sets = [int(n.split(": ")[1]) for n in res["notes"] if n.startswith("graph sets: ")]
+    if sets:  # graph sets (guard sets) the module holds after the size check: 1 = the first capture took all
+        row["graph_sets"] = sets[-1]
     if res["outcome"] == "fail":
         row["spec"] = spec
         if shrink:
@@ -57,7 +60,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             by_feature[f]["tried"] += 1
             by_feature[f][r["outcome"]] += 1
     checks = collections.Counter(f["check"] for r in rows for f in r["failures"])
+    sets = sorted(r["graph_sets"] for r in rows if "graph_sets" in r)
+    refused = [r["seed"] for r in rows if any(f["check"] == "batch" and "refused:" in f["detail"]
+                                              for f in r["failures"])]
     return {
+        "models_with_a_refused_size": len(refused),  # a size the model runs that the transformed module refused
+        "refused_size_seeds": refused,
+        "graph_sets": {"models": len(sets), "median": sets[len(sets) // 2] if sets else None,
+                       "max": sets[-1] if sets else None, "histogram": dict(sorted(collections.Counter(sets).items())),
+                       "recaptured": sum(n > 1 for n in sets)},
         "models": len(rows),
         "outcomes": dict(collections.Counter(r["outcome"] for r in rows)),
         "capture": dict(collections.Counter(str(r["capture"]) for r in rows)),
@@ -92,6 +103,12 @@ def table(summary: dict[str, Any]) -> str:
     return markdown_table(["feature", "models tried"], rows, align=["l", "l"])
 
 
+def _sizes_line(s: dict[str, Any]) -> str:
+    g = s["graph_sets"]
+    return (f"models with a refused size: {s['models_with_a_refused_size']}; graph sets per model: median {g['median']}, "
+            f"max {g['max']} ({g['recaptured']} of {g['models']} models captured again; histogram {g['histogram']})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=100)
@@ -113,6 +130,7 @@ def main() -> None:
         write_json(a.out or ROOT / "benchmarks/results/fuzz.json", out)
         s = out["summary"]
         print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
+        print(_sizes_line(s))
         if a.markdown:
             print(table(s))
         return
@@ -136,6 +154,7 @@ def main() -> None:
                 f"{time.perf_counter() - t0:.0f} s")
     s = summarize(rows)
     print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
+    print(_sizes_line(s))
     if a.markdown:
         print(table(s))
 

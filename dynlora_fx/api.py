@@ -10,13 +10,14 @@ import torch
 import torch.nn as nn
 
 from .capture import capture
+from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs
 from .distributed import is_fully_sharded, unsharded_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
-from .passes import outline_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
-    recording_checkpointed_modules, region_bodies, remove_adapters, repeated_blocks
+from .passes import outline_regions, find_regions, find_targets, recording_checkpointed_modules, region_bodies, \
+    remove_adapters, repeated_blocks
 
 __all__ = ["transform", "merge", "merge_and_unload"]
 
@@ -35,11 +36,18 @@ def _as_args(example_inputs: Any) -> tuple:
 
 
 def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig | None = None, *,
-              example_kwargs: dict[str, Any] | None = None, checkpoint: str | bool = "auto") -> DynLoRAModule:
+              example_kwargs: dict[str, Any] | None = None, checkpoint: str | bool = "auto",
+              dynamic_shapes: Any = None, recapture_limit: int = DEFAULT_RECAPTURE_LIMIT) -> DynLoRAModule:
     """Return a copy of ``model`` whose weight-bearing matrix products carry low-rank adapters.
 
     ``model`` is left untouched. The result computes the same function at step 0, honours
-    ``.train()``/``.eval()`` like ``model`` and accepts other batch sizes wherever it does.
+    ``.train()``/``.eval()`` like ``model`` and accepts other batch sizes and sequence lengths
+    wherever it does: where ``torch.export`` had to specialise on a size, a call outside it
+    captures the model again (a graph per guard set over the same state and adapters), up to
+    ``recapture_limit`` graph sets (``gm.recapture_limit`` changes it later).
+
+    ``dynamic_shapes`` is passed to ``torch.export`` as it is, with the meaning it has there (the
+    default: ``Dim.AUTO`` on every input dim where the model allows it, else on the batch dims).
 
     ``checkpoint`` sets activation checkpointing per block: ``"auto"`` recomputes the blocks the
     model itself checkpoints (Hugging Face's ``gradient_checkpointing_enable()``, modules it runs
@@ -66,6 +74,9 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
         raise ConfigError("checkpoint", f"expected 'auto', True or False, got {checkpoint!r}",
                           "pass checkpoint='auto' (follow the model's own setting), True (every repeated block) "
                           "or False")
+    if isinstance(recapture_limit, bool) or not isinstance(recapture_limit, int) or recapture_limit < 1:
+        raise ConfigError("recapture_limit", f"expected an int >= 1, got {recapture_limit!r}",
+                          f"pass the number of graph sets (guard sets) to allow, e.g. {DEFAULT_RECAPTURE_LIMIT}")
     args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
 
     try:
@@ -77,12 +88,8 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
                            "torch.nn.utils.spectral_norm's weight after a train-mode forward: use "
                            "torch.nn.utils.parametrizations.spectral_norm)") from None
     with recording_checkpointed_modules() as own_checkpointed:  # capture sees through the model's own
-        cap = capture(work, args, kwargs)
-    graphs = dict(cap.graphs)
-    for gm in {id(g): g for g in graphs.values()}.values():
-        functionalize_leaves(gm)
-    if graphs["train"] is not graphs["eval"] and graphs["train"].code == graphs["eval"].code:
-        graphs["eval"] = graphs["train"]  # mode-independent graph: keep (and later compile) one
+        cap = capture(work, args, kwargs, dynamic_shapes)
+    graphs = prepare_graphs(cap.graphs)
 
     plan = find_targets(graphs, config)  # every mode's graph: a weight read only in eval mode counts too
     if not plan.targets:
@@ -92,6 +99,8 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
                           "matrix product over a trained parameter")
 
     gm = DynLoRAModule(work, cap.constants, graphs, cap.method, config, plan)
+    gm.recapture_limit, gm.dynamic_shapes = recapture_limit, dynamic_shapes
+    gm._graph_sets[0].shapes = input_shapes(graphs["train"], args, kwargs)
     with torch.no_grad():
         for uid, target in enumerate(plan.targets):
             weight = work.get_parameter(target.weight)
@@ -102,8 +111,7 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
             update_weight(weight, residual_of(adapter, weight), torch.Tensor.sub_,
                           adapter.delta(master_dtype(weight.dtype)))
             weight.requires_grad_(False)
-    for g in gm._unique_graphs():
-        insert_adapters(g, plan)
+    adapt_graphs(gm, graphs, regions=False)  # the pipeline every recaptured graph set goes through too
     gm.checkpointed = _checkpoint_blocks(gm, checkpoint, own_checkpointed)
     gm.train(model.training)
     return gm

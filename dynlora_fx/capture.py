@@ -19,6 +19,7 @@ time so ``.to()``/``load_state_dict`` reach both graphs) and ``constants.<name>`
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Capture", "capture", "graph_module", "MODES"]
+__all__ = ["Capture", "capture", "recapture", "guard_checker", "graph_module", "MODES"]
 
 MODES = ("train", "eval")
 # nn modules kept opaque by fx (their weights are read from the module); every other
@@ -242,6 +243,8 @@ def _verify(model: nn.Module, graphs: dict[str, fx.GraphModule], args: tuple, kw
     was_training = model.training
     try:
         for mode in MODES:
+            if mode not in graphs:
+                continue
             model.train(mode == "train")  # fx leaf modules (dropout, batch norm) read the mode at run time
             try:
                 ref = _probe(model, model, args, kwargs)
@@ -320,15 +323,18 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad)
 
 
-def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...]) -> None:
+def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...],
+                      guards: tuple[tuple[str, str], ...] | None = None) -> None:
     """Raise export's own kind of guard failure when an input's size differs where the graph
-    was specialised to the example's size: ``(input index, dim, size, input name)`` per dim."""
+    was specialised to the example's size: ``(input index, dim, size, input name)`` per dim.
+    ``guards`` (export's own, as ``(code over args[i], condition)``) are checked by its ``_guards_fn``
+    in the graph; they ride along for :func:`guard_checker`."""
     for i, d, size, name in dims:
         if inputs[i].shape[d] != size:
             raise AssertionError(f"Guard failed: {name}.size()[{d}] == {size}")
 
 
-def _guard_static_dims(graph: fx.Graph) -> None:
+def _guard_static_dims(graph: fx.Graph, guards: tuple[tuple[str, str], ...] | None) -> None:
     """torch.export turns a dimension static when the code pins it (an int in a view, a branch on
     it, a 0/1 specialisation) but its graph module does not check static sizes at call time: an
     input of another size runs and can silently broadcast against a baked-in shape. Check them
@@ -339,16 +345,64 @@ def _guard_static_dims(graph: fx.Graph) -> None:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             dims += [(i, d, int(size), node.name) for d, size in enumerate(val.shape) if is_concrete_int(size)]
-    if not dims:
+    if not dims and not guards:
         return
     anchor = next((n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), placeholders[-1])
     with graph.inserting_after(anchor):
-        graph.call_function(check_static_dims, tuple(placeholders), {"dims": tuple(dims)})
+        graph.call_function(check_static_dims, tuple(placeholders), {"dims": tuple(dims), "guards": guards})
     graph.lint()
 
 
-def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict
-                ) -> tuple[dict[str, fx.GraphModule] | None, str]:
+def _export_module(ep: Any) -> tuple[fx.GraphModule, tuple[tuple[str, str], ...] | None]:
+    """``ep.module()``, and its input guards as ``(Python code over args[i], condition)`` pairs, as
+    export writes them into its ``_guards_fn`` (None where they could not be read)."""
+    from torch.export import _unlift
+
+    seen: list[tuple[list[str], list[Any]]] = []
+    original = _unlift._convert_guards_code_to_fn
+
+    def spy(guards_code: list[str], paths: list[Any]) -> Any:
+        seen.append((list(guards_code), list(paths)))
+        return original(guards_code, paths)
+
+    _unlift._convert_guards_code_to_fn = spy
+    try:
+        src = ep.module()
+    finally:
+        _unlift._convert_guards_code_to_fn = original
+    if len(seen) != 1:
+        return src, None
+    try:
+        pairs = []
+        for code in seen[0][0]:
+            actual, shown = code, code
+            for i, path in enumerate(seen[0][1]):  # as torch.export._unlift names the placeholders
+                actual = actual.replace("L" + pytree.keystr(path), f"args[{i}]")
+                shown = shown.replace("L" + pytree.keystr(path), path[0].key + pytree.keystr(path[1:]))
+            pairs.append((actual, shown.replace("\n", "")))
+    except Exception:  # noqa: BLE001 - an unexpected path kind: the checker falls back to _guards_fn
+        return src, None
+    return src, tuple(pairs)
+
+
+def _broken_guard_fn(dims: tuple[tuple[int, int, int, str], ...], guards: tuple[tuple[str, str], ...]) -> Any:
+    """A function of the graph's flat inputs returning the first guard they break (its condition) or
+    None: plain comparisons of sizes, which torch.compile traces into guards of its own."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    lines = ["def broken_guard(*args):"]
+    for i, d, size, name in dims:
+        lines.append(f"    if args[{i}].shape[{d}] != {size}: return {f'{name}.size()[{d}] == {size}'!r}")
+    for actual, shown in guards:
+        lines.append(f"    if not ({actual}): return {shown!r}")
+    lines.append("    return None")
+    namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf")}
+    exec("\n".join(lines), namespace)  # noqa: S102 - export's own guard code, as its _guards_fn runs it
+    return torch._dynamo.dont_skip_tracing(namespace["broken_guard"])
+
+
+def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None,
+                modes: tuple[str, ...] = MODES) -> tuple[dict[str, fx.GraphModule] | None, str]:
     graphs: dict[str, fx.GraphModule] = {}
     # A view as example input (e.g. batch[:2, :32]) makes torch.export guard on its base
     # (``x._base.size()[1] != x.size()[1]``), which every later call with a tensor of its own
@@ -356,23 +410,24 @@ def _try_export(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dic
     args, kwargs = pytree.tree_map_only(torch.Tensor, _own_storage, (args, kwargs))
     was_training = model.training
     try:
-        for mode in MODES:
+        for mode in modes:
             model.train(mode == "train")
             errors = []
             ep = None
-            for dims in ("all", "batch", "none"):  # prefer the most dynamic capture that works
+            # prefer the most dynamic capture that works; the user's dynamic_shapes, when given, as they are
+            for dims in ("all", "batch", "none") if dynamic_shapes is None else ("user",):
                 try:
-                    ep = torch.export.export(model, args, kwargs,
-                                             dynamic_shapes=_dynamic_shapes(model, args, kwargs, dims),
-                                             strict=False)
+                    ep = torch.export.export(model, args, kwargs, strict=False,
+                                             dynamic_shapes=dynamic_shapes if dims == "user"
+                                             else _dynamic_shapes(model, args, kwargs, dims))
                     break
                 except Exception as exc:  # noqa: BLE001
                     errors.append(exc)
             if ep is None:
                 return None, f"torch.export failed: {_first_line(errors[-1])}"
-            src = ep.module()
+            src, guards = _export_module(ep)
             graph = src.graph
-            _guard_static_dims(graph)
+            _guard_static_dims(graph, guards)
             extra: dict[str, nn.Module] = {}
             _retarget(graph, src, model, constants, extra)
             graphs[mode] = graph_module(graph, {"model": model, "constants": constants, **extra})
@@ -406,21 +461,87 @@ def _put_back(state: list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor 
             m.__dict__[name] = obj
 
 
-def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Capture:
+def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic_shapes: Any = None) -> Capture:
     """Capture ``model`` (which the graphs will share, so pass a copy) for both modes.
 
     ``args``/``kwargs`` are example inputs; without them only symbolic tracing is possible.
-    Raises ``CaptureError`` when neither path works. The model's buffers and tensor
-    attributes are as they were when it returns.
+    ``dynamic_shapes`` goes to ``torch.export`` as it is (by default every input dim is
+    ``Dim.AUTO``, then the batch dims, then none). Raises ``CaptureError`` when neither path
+    works. The model's buffers and tensor attributes are as they were when it returns.
     """
     state = _state(model)
     try:
-        return _capture(model, args, dict(kwargs or {}))
+        return _capture(model, args, dict(kwargs or {}), dynamic_shapes)
     finally:
         _put_back(state)
 
 
-def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
+def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, *, dynamic_shapes: Any = None,
+              trained: tuple[nn.Parameter, ...] = (), modes: tuple[str, ...] = MODES) -> dict[str, fx.GraphModule]:
+    """Capture ``model`` again with ``torch.export`` for other inputs: the graphs of ``modes``, reading
+    the same ``model``/``constants`` trees as the first capture, verified against ``model`` like it.
+    ``trained`` (parameters frozen since the first capture: adapted weights) get their gradients
+    checked too. Raises ``CaptureError``; buffers and tensor attributes are put back."""
+    state = _state(model)
+    flags = [(p, p.requires_grad) for p in trained]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        graphs, why = _try_export(model, constants, args, dict(kwargs), dynamic_shapes, modes)
+        if graphs is not None:
+            for g in {id(g): g for g in graphs.values()}.values():
+                g.graph.lint()
+            why = _verify(model, graphs, args, kwargs)
+            why = why and f"torch.export's graph is wrong: {why}"
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        _put_back(state)
+    if why:
+        raise CaptureError(f"{type(model).__name__}.forward", f"capturing it again for inputs outside the first "
+                           f"capture's conditions failed ({why})",
+                           "transform with example inputs shaped like these calls, or pad the inputs to a size "
+                           "already captured")
+    return graphs
+
+
+def guard_checker(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A module taking ``gm``'s inputs that returns the first of ``gm``'s input guards they break
+    (torch.export's ``_guards_fn`` and the static-size check), as its condition, or None when ``gm``
+    takes them: plain size comparisons, no exception, so torch.compile traces the choice of a graph.
+    None when ``gm`` has no guard (an fx capture)."""
+    checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is check_static_dims]
+    if not checks:
+        return None
+    dims, guards = checks[0].kwargs["dims"], checks[0].kwargs.get("guards")
+    graph = fx.Graph()
+    inputs = [graph.node_copy(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    if guards is None:  # export's guards as code were not read: ask its _guards_fn (eagerly only)
+        graph.output(graph.call_function(_broken_guard_eager, (graph.get_attr("_guards_fn"), *inputs),
+                                         {"dims": dims}))
+    else:
+        graph.output(graph.call_function(_broken_guard_fn(dims, guards), tuple(inputs)))
+    codegen = copy.copy(gm.graph._codegen)
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None:  # same inputs, flattened the same way; the result as it is
+        codegen.pytree_info = info._replace(out_spec=None)
+    graph._codegen = codegen
+    return graph_module(graph, {"_guards_fn": gm._guards_fn} if hasattr(gm, "_guards_fn") else {})
+
+
+def _broken_guard_eager(guards_fn: Any, *inputs: Any, dims: tuple[tuple[int, int, int, str], ...]) -> str | None:
+    try:
+        guards_fn(*inputs)
+        check_static_dims(*inputs, dims=dims)
+    except AssertionError as exc:
+        message = str(exc).strip()
+        if message.startswith("Guard failed:"):
+            return message[len("Guard failed:"):].strip()
+        raise
+    return None
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Capture:
     have_inputs = bool(args) or bool(kwargs)
     if have_inputs:
         was_training = model.training
@@ -457,7 +578,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict) -> Capture:
                            "pass example_inputs (and example_kwargs) so torch.export can capture the model, "
                            "or make the traced code free of Python control flow on tensors")
     constants = nn.Module()
-    graphs, why = _try_export(model, constants, args, kwargs)
+    graphs, why = _try_export(model, constants, args, kwargs, dynamic_shapes)
     if graphs is None:
         notes.append(why)
         raise CaptureError(f"{type(model).__name__}.forward", "; ".join(notes),

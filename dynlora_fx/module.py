@@ -4,7 +4,8 @@
 base weights frozen where adapted), ``adapters`` (``A``, ``B``, ``scale`` and the
 in-use candidate indices for every adapted weight, nested under the weight's own
 qualified name), ``constants`` and ``switch_state`` (the switcher's step, generators
-and counters) — and runs the train or eval graph by ``self.training``. The graphs are
+and counters) — and runs the train or eval graph by ``self.training``, of the first graph set
+whose guards the inputs meet (another is captured when none does: ``graphs.py``). The graphs are
 not registered submodules: state lives once, so ``.to()``, ``state_dict()`` and
 ``load_state_dict()`` see every tensor exactly once, and a framework that checkpoints
 the module and its optimizer resumes switching exactly.
@@ -31,6 +32,7 @@ import torch.nn as nn
 from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vectors, lora_a_bound, \
     project_generator, switchlora_stds
 from .capture import graph_module
+from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
 from .passes.find_targets import Target, TargetPlan
@@ -255,6 +257,9 @@ class DynLoRAModule(nn.Module):
     checkpointed: tuple[str, ...] = ()  # blocks recomputed in backward (dl.transform's checkpoint=)
     sharded: tuple[str, ...] = ()  # blocks that are FSDP units of their own (dl.fully_shard)
 
+    recapture_limit: int = DEFAULT_RECAPTURE_LIMIT  # graph sets (guard sets) at most; set it on an instance to change
+    dynamic_shapes: Any = None  # dl.transform's dynamic_shapes, for torch.export (again when capturing again)
+
     def __init__(self, model: nn.Module, constants: nn.Module, graphs: dict[str, fx.GraphModule],
                  capture_method: str, config: AdapterConfig, plan: TargetPlan):
         super().__init__()
@@ -263,7 +268,10 @@ class DynLoRAModule(nn.Module):
         self.constants = constants
         first = next(iter(model.parameters()), None)
         self.switch_state = SwitchState(config.seed, None if first is None else first.device)
-        self._graphs = graphs  # plain dict on purpose: graphs hold no state of their own
+        # plain containers on purpose: graphs hold no state of their own. ``_graphs`` is the example's
+        # set (what merge and export take); ``_graph_sets`` every guard set, tried in order (graphs.py)
+        self._graphs = graphs
+        self._graph_sets = [GraphSet(graphs)]
         self.capture_method = capture_method
         self.dynlora_config = config
         self.plan = plan
@@ -273,16 +281,29 @@ class DynLoRAModule(nn.Module):
         self._expose_signature()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        graph = self._graphs["train" if self.training else "eval"]
-        if torch.compiler.is_compiling():
-            return graph(*args, **kwargs)
+        mode = "train" if self.training else "eval"
+        if torch.compiler.is_exporting():  # torch.export / ONNX of the module: the example's graph
+            return self._graphs[mode](*args, **kwargs)
+        if torch.compiler.is_dynamo_compiling():  # the user's torch.compile: the checks are traced as guards
+            return self._graph_for(mode, args, kwargs)(*args, **kwargs)
         try:
-            return graph(*args, **kwargs)
+            graph = self._graph_for(mode, args, kwargs)
+            runner = self.__dict__.get("_runner")  # set by dl.compile's module for the duration of its call
+            return (graph if runner is None else runner(graph))(*args, **kwargs)
         except (TypeError, AssertionError) as exc:
             error = self._input_error(exc, args, kwargs)
             if error is None:
                 raise
             raise error from None
+
+    def _graph_for(self, mode: str, args: tuple, kwargs: dict) -> fx.GraphModule:
+        """The ``mode`` graph of the first guard set that takes these inputs; captured anew when none does."""
+        broken = None
+        for graph_set in self._graph_sets:
+            broken = graph_set.broken(mode, args, kwargs)
+            if broken is None:
+                return graph_set.graphs[mode]
+        return recapture_for(self, mode, args, kwargs, broken)  # eagerly, also under torch.compile
 
     # -- being a good citizen of the wrapped model's ecosystem ------------------------------
     def _expose_signature(self) -> None:
@@ -290,8 +311,10 @@ class DynLoRAModule(nn.Module):
         graph's, so ``inspect.signature(gm.forward)`` lists the captured inputs (Trainer's column
         filtering, accelerate and others read it). The code run is :meth:`DynLoRAModule.forward`."""
         cls_forward = DynLoRAModule.forward
-        fn = types.FunctionType(cls_forward.__code__, cls_forward.__globals__, "forward", cls_forward.__defaults__,
-                                cls_forward.__closure__)
+        # a code object of its own: torch.compile caches (and counts recompiles) per code object, so
+        # compiling one instance's forward never evicts or guards on another's
+        fn = types.FunctionType(cls_forward.__code__.replace(), cls_forward.__globals__, "forward",
+                                cls_forward.__defaults__, cls_forward.__closure__)
         fn.__qualname__, fn.__doc__ = cls_forward.__qualname__, cls_forward.__doc__
         params = list(self.captured_signature().parameters.values())
         fn.__signature__ = inspect.Signature(
@@ -373,6 +396,7 @@ class DynLoRAModule(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("forward", None)  # a per-instance bound method: rebuilt on load
+        state.pop("_runner", None)  # dl.compile's, for the duration of a call
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -384,7 +408,8 @@ class DynLoRAModule(nn.Module):
         return self._graphs[mode]
 
     def _unique_graphs(self) -> list[fx.GraphModule]:
-        return list({id(g): g for g in self._graphs.values()}.values())
+        """Every graph of every guard set, each once."""
+        return list({id(g): g for s in self._graph_sets for g in s.graphs.values()}.values())
 
     def adapter(self, weight: str) -> Adapter:
         return self.adapters.get_submodule(weight)
@@ -397,16 +422,16 @@ class DynLoRAModule(nn.Module):
         # shared state; copy the state once and rebuild the graph modules around it.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("_graphs", "forward")},
-                                          memo))
-        rebuilt: dict[int, fx.GraphModule] = {}
-        new._graphs = {}
-        for mode, gm in self._graphs.items():
-            if id(gm) not in rebuilt:
-                extra = {k: copy.deepcopy(m, memo) for k, m in gm._modules.items() if k not in _SHARED}
-                shared = {k: getattr(new, k) for k in _SHARED}
-                rebuilt[id(gm)] = graph_module(copy.deepcopy(gm.graph, memo), {**shared, **extra})
-            new._graphs[mode] = rebuilt[id(gm)]
+        skip = ("_graphs", "_graph_sets", "forward", "_runner")
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in skip}, memo))
+        shared = {k: getattr(new, k) for k in _SHARED}
+
+        def rebuild(gm: fx.GraphModule) -> fx.GraphModule:
+            extra = {k: copy.deepcopy(m, memo) for k, m in gm._modules.items() if k not in _SHARED}
+            return graph_module(copy.deepcopy(gm.graph, memo), {**shared, **extra})
+
+        new._graph_sets = copy_sets(self._graph_sets, rebuild)
+        new._graphs = new._graph_sets[0].graphs
         new._expose_signature()
         return new
 

@@ -18,8 +18,9 @@ failures it found (an empty list when all hold):
   ``∂L/∂W``; every other parameter's gradient equals the model's;
 - ``switch``: optimizer steps at lr 0 with switching leave the function unchanged;
 - ``merge``: ``dl.merge`` equals the transformed module after its adapters moved;
-- ``batch``: other batch sizes give the model's output wherever the model accepts them
-  (a ``DynLoRAError`` saying why is an acceptable refusal).
+- ``batch``: other batch sizes and sequence lengths give the model's output, in both modes,
+  wherever the model accepts them; refusing one (even with a ``DynLoRAError``) is a failure, since
+  a size outside the captured graphs' guards is captured again.
 """
 
 from __future__ import annotations
@@ -716,27 +717,7 @@ def _check_once(spec: dict[str, Any], batches: tuple[int, ...]) -> dict[str, Any
         if reason.startswith("rank") and "exceeds" not in reason:
             fail("coverage", f"{weight}: unexpected reason {reason!r}")
 
-    # other batch sizes (and sequence lengths), wherever the model accepts them
-    sizes = [(bs, None) for bs in batches if bs != spec["batch"]]
-    if spec["input"] in ("seq", "ids"):
-        sizes.append((spec["batch"], spec["time"] + 2))
-    for bs, length in sizes:
-        other = make_inputs(spec, bs, seed=1, time=length)
-        try:
-            want = _run(copy.deepcopy(pristine), other, "eval")
-        except Exception:  # noqa: BLE001 - the model itself does not take this batch size
-            continue
-        try:
-            got = _run(gm, other, "eval")
-        except dl.DynLoRAError as exc:
-            notes.append(f"batch {bs} length {length} refused: {exc}"[:300])
-            continue
-        except Exception as exc:  # noqa: BLE001
-            fail("batch", f"batch {bs} length {length}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        what = _diff(want, got)
-        if what:
-            fail("batch", f"batch {bs} length {length}, eval mode: {what}")
+    _check_sizes(spec, pristine, gm, batches, start_buffers, fail, notes)
 
     # merge equals the transformed module once the adapters have moved
     g = torch.Generator().manual_seed(spec["seed"])
@@ -781,6 +762,35 @@ def _check_once(spec: dict[str, Any], batches: tuple[int, ...]) -> dict[str, Any
 
     _check_untouched(model, before, fail)
     return result("ok", gm.capture_method)
+
+
+def _check_sizes(spec: dict[str, Any], pristine: nn.Module, gm: nn.Module, batches: tuple[int, ...],
+                 start_buffers: dict[str, torch.Tensor], fail: Any, notes: list[str]) -> None:
+    """Other batch sizes (and a shorter and a longer sequence): wherever the model accepts them, in either
+    mode, the transformed module gives the model's output (same RNG seed). Refusing one is a failure:
+    a size outside the captured graphs' guards is captured again. Notes how many graph sets it took."""
+    sizes = [(bs, None) for bs in batches if bs != spec["batch"]]
+    if spec["input"] in ("seq", "ids"):
+        sizes += [(spec["batch"], spec["time"] + 2), (spec["batch"], spec["time"] - 1)]
+    for bs, length in sizes:
+        other = make_inputs(spec, bs, seed=1, time=length)
+        for mode in ("eval", "train"):
+            try:
+                want = _run(copy.deepcopy(pristine), other, mode)
+            except Exception:  # noqa: BLE001 - the model itself does not take this size in this mode
+                continue
+            try:
+                got = _run(gm, other, mode)
+            except Exception as exc:  # noqa: BLE001 - a DynLoRAError included: the model runs these inputs
+                fail("batch", f"batch {bs} length {length}, {mode} mode: refused: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}")
+                continue
+            finally:
+                _restore(gm, start_buffers)
+            what = _diff(want, got)
+            if what:
+                fail("batch", f"batch {bs} length {length}, {mode} mode: {what}")
+    notes.append(f"graph sets: {len(gm._graph_sets)}")
 
 
 def _affects_output(model: nn.Module, weight: str, args: tuple) -> bool:
