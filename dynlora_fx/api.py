@@ -9,14 +9,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture, graph_module
 from .distributed import is_fully_sharded, unsharded_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
-from .passes import outline_regions, find_regions, find_targets, functionalize_leaves, insert_adapters, \
-    recording_checkpointed_modules, region_bodies, remove_adapters, repeated_blocks
+from .passes import outline_regions, find_regions, find_targets, functionalize_batch_norm, functionalize_leaves, \
+    insert_adapters, recording_checkpointed_modules, region_bodies, remove_adapters, repeated_blocks, \
+    training_batch_norms
 
 __all__ = ["transform", "merge", "merge_and_unload"]
 
@@ -110,7 +111,11 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
 
 
 def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int]) -> tuple[str, ...]:
-    """Run the chosen blocks of the train graph under torch.utils.checkpoint; their names."""
+    """Run the chosen blocks of the train graph under torch.utils.checkpoint; their names.
+
+    ``"auto"`` keeps every block the model checkpoints or raises: the model asked for that memory
+    saving, so losing it silently is not an option. ``True`` is the user's own choice of every repeated
+    block: one that cannot be recomputed runs plain, with a warning."""
     if checkpoint is False:
         return ()
     model = gm.model
@@ -125,9 +130,15 @@ def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int])
                                "pass checkpoint=False, or keep the blocks to recompute in an nn.ModuleList")
     if not blocks:
         return ()
-    train = gm.graph_module("train")
+    train = _split_batch_norm(gm)
     regions = find_regions(train, blocks)
     why = _by_reason(regions.skipped)
+    if checkpoint == "auto" and regions.skipped:
+        raise DynLoRAError(regions.skipped[0][0], f"the model checkpoints {len(regions.skipped)} block(s) that "
+                           f"cannot be recomputed here ({why})",
+                           "pass checkpoint=False to train without recomputing any block (more activation memory), "
+                           "or checkpoint=True to recompute every repeated block that can be and run these plain "
+                           "(a warning); or change the block so its forward writes no state in place")
     if checkpoint is True and not regions.regions:
         raise DynLoRAError(type(model).__name__, f"checkpoint=True, but no block is a region of the graph ({why})",
                            "pass checkpoint=False")
@@ -136,6 +147,19 @@ def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int])
                       RuntimeWarning, stacklevel=3)
     outline_regions(train, regions, recompute=True)
     return tuple(r.block for r in regions.regions)
+
+
+def _split_batch_norm(gm: DynLoRAModule) -> torch.fx.GraphModule:
+    """The train graph with its training-mode batch norms split (passes/batch_norm.py), so their blocks can
+    be recomputed; a graph it shared with eval mode (fx keeps batch norm a module call that reads the mode
+    at run time) is first copied for eval, which keeps the module calls."""
+    train = gm.graph_module("train")
+    if not training_batch_norms(train):
+        return train
+    if gm.graph_module("eval") is train:
+        attrs = {k: m for k, m in train._modules.items()}
+        gm._graphs["eval"] = graph_module(copy.deepcopy(train.graph), attrs)
+    return functionalize_batch_norm(train)
 
 
 def _by_reason(skipped: tuple[tuple[str, str], ...]) -> str:
