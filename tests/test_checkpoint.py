@@ -443,6 +443,19 @@ def test_fuzzed_models_recompute_exactly(seed):
     assert result["outcome"] == "ok", result
 
 
+# The checkpoint fuzzer's own block kinds (fuzz_models.CHECKPOINT_BLOCKS): writes on temporaries (export),
+# MoE routing with index_add_ over routed tokens (export) and dense and sparse routing (fx); every
+# repeated block is recomputed, with the same outputs, gradients and buffers.
+@pytest.mark.parametrize("seed", [3, 17, 19])
+def test_fuzzed_temporary_writes_and_routing_recompute(seed):
+    import fuzz_models as fm
+
+    spec = fm.draw_checkpoint_spec(seed)
+    assert {b["kind"] for b in spec["blocks"]} & set(fm.CHECKPOINT_BLOCKS)
+    result = fm.check_checkpointing(spec)
+    assert result["outcome"] == "ok" and result["notes"] == [f"recomputed {len(spec['blocks'])} blocks"], result
+
+
 def _hf_model(transformers, arch):
     """A tiny Hugging Face model built from its config: (model, inputs, its decoder/encoder layers)."""
     t, common = transformers, {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
