@@ -857,7 +857,8 @@ class TempWrites(nn.Module):
     def __init__(self, b, d):
         super().__init__()
         self.fc = nn.Linear(d, d)
-        self.ops = b["ops"]
+        # relu_ keeps its result for backward: a later in-place op on it would break the model's own backward
+        self.ops = sorted(b["ops"], key=lambda op: op == "relu_")
 
     def forward(self, x):
         y = self.fc(x) * 2
