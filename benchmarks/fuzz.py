@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_one(seed: int, shrink: bool, checkpoint: bool = False) -> dict[str, Any]:
-    spec = fm.draw_spec(seed)
+    spec = fm.draw_checkpoint_spec(seed) if checkpoint else fm.draw_spec(seed)
     t0 = time.perf_counter()
     try:
         res = fm.check_checkpointing(spec) if checkpoint else fm.check_spec(spec)
@@ -81,7 +81,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-_GROUPS = (("blocks", lambda f: f in fm.BLOCKS), ("raw parameter ops", lambda f: f.startswith("raw:")),
+_GROUPS = (("blocks", lambda f: f in fm.BLOCKS or f in fm.CHECKPOINT_BLOCKS), ("raw parameter ops", lambda f: f.startswith("raw:")),
            ("layer classes", lambda f: (":" in f and f.split(":")[0] in ("rnn", "cell", "norm", "stem")) or f in
             ("conv_transpose", "grouped_conv", "tied_embedding_head")),
            ("inputs", lambda f: f.startswith("input:")), ("outputs", lambda f: f.startswith("output:")),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .capture import capture
-from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs
+from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs, split_batch_norm
 from .distributed import is_fully_sharded, unsharded_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
@@ -118,7 +118,11 @@ def transform(model: nn.Module, example_inputs: Any = (), config: AdapterConfig 
 
 
 def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int]) -> tuple[str, ...]:
-    """Run the chosen blocks of the train graph under torch.utils.checkpoint; their names."""
+    """Run the chosen blocks of the train graph under torch.utils.checkpoint; their names.
+
+    ``"auto"`` keeps every block the model checkpoints or raises: the model asked for that memory
+    saving, so losing it silently is not an option. ``True`` is the user's own choice of every repeated
+    block: one that cannot be recomputed runs plain, with a warning."""
     if checkpoint is False:
         return ()
     model = gm.model
@@ -133,9 +137,15 @@ def _checkpoint_blocks(gm: DynLoRAModule, checkpoint: str | bool, own: set[int])
                                "pass checkpoint=False, or keep the blocks to recompute in an nn.ModuleList")
     if not blocks:
         return ()
-    train = gm.graph_module("train")
+    train = split_batch_norm(gm._graphs)
     regions = find_regions(train, blocks)
     why = _by_reason(regions.skipped)
+    if checkpoint == "auto" and regions.skipped:
+        raise DynLoRAError(regions.skipped[0][0], f"the model checkpoints {len(regions.skipped)} block(s) that "
+                           f"cannot be recomputed here ({why})",
+                           "pass checkpoint=False to train without recomputing any block (more activation memory), "
+                           "or checkpoint=True to recompute every repeated block that can be and run these plain "
+                           "(a warning); or change the block so its forward writes no state in place")
     if checkpoint is True and not regions.regions:
         raise DynLoRAError(type(model).__name__, f"checkpoint=True, but no block is a region of the graph ({why})",
                            "pass checkpoint=False")

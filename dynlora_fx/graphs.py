@@ -19,6 +19,7 @@ that keeps changing and what to do.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,15 +28,15 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .capture import _put_back, _state, guard_checker, recapture
+from .capture import _put_back, _state, graph_module, guard_checker, recapture
 from .errors import DynLoRAError
-from .passes import find_regions, functionalize_leaves, insert_adapters, outline_regions, \
-    recording_checkpointed_modules
+from .passes import find_regions, functionalize_batch_norm, functionalize_leaves, insert_adapters, outline_regions, \
+    recording_checkpointed_modules, training_batch_norms
 
 if TYPE_CHECKING:
     from .module import DynLoRAModule
 
-__all__ = ["GraphSet", "prepare_graphs", "adapt_graphs", "recapture_for", "copy_sets", "input_shapes", "limit_error",
+__all__ = ["GraphSet", "prepare_graphs", "adapt_graphs", "split_batch_norm", "recapture_for", "copy_sets", "input_shapes", "limit_error",
            "DEFAULT_RECAPTURE_LIMIT"]
 
 DEFAULT_RECAPTURE_LIMIT = 8  # graph sets per module, as torch._dynamo's recompile_limit
@@ -103,8 +104,20 @@ def adapt_graphs(gm: DynLoRAModule, graphs: dict[str, fx.GraphModule], *, region
     if not regions:
         return
     if gm.checkpointed and "train" in graphs:
-        train = graphs["train"]
+        train = split_batch_norm(graphs)
         outline_regions(train, find_regions(train, list(gm.checkpointed)), recompute=True)
+
+
+def split_batch_norm(graphs: dict[str, fx.GraphModule]) -> fx.GraphModule:
+    """The train graph of ``graphs`` with its training-mode batch norms split (passes/batch_norm.py), so
+    their blocks can be recomputed; a graph it shared with eval mode (fx keeps batch norm a module call
+    that reads the mode at run time) is first copied for eval, which keeps the module calls."""
+    train = graphs["train"]
+    if not training_batch_norms(train):
+        return train
+    if graphs.get("eval") is train:
+        graphs["eval"] = graph_module(copy.deepcopy(train.graph), dict(train._modules))
+    return functionalize_batch_norm(train)
 
 
 def limit_error(gm: DynLoRAModule, shapes: tuple[tuple[str, tuple[int, ...]], ...], broken: str) -> DynLoRAError:

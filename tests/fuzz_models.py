@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 import dynlora_fx as dl
+from dynlora_fx.passes import repeated_blocks
 from dynlora_fx.passes.insert_adapters import META_KEY
 
-__all__ = ["draw_spec", "build", "check_spec", "shrink", "features", "BLOCKS"]
+__all__ = ["draw_spec", "build", "check_spec", "shrink", "features", "BLOCKS", "CHECKPOINT_BLOCKS",
+           "draw_checkpoint_spec", "check_checkpointing"]
 
 Pair = collections.namedtuple("Pair", ["out", "aux"])
 
@@ -858,23 +860,121 @@ def shrink(spec: dict[str, Any], checks: set[str], budget: int = 40) -> dict[str
 
 
 # -- the checkpointing pass ------------------------------------------------------------------------
+class TempWrites(nn.Module):
+    """In-place ops on tensors the block itself creates: recomputation recreates them, so the block
+    must be recomputed like any other."""
+
+    def __init__(self, b, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        # relu_ keeps its result for backward: a later in-place op on it would break the model's own backward
+        self.ops = sorted(b["ops"], key=lambda op: op == "relu_")
+
+    def forward(self, x):
+        y = self.fc(x) * 2
+        for op in self.ops:
+            if op == "div_":
+                y.div_(3)
+            elif op == "iadd":
+                y += x
+            elif op == "setitem":
+                y[..., 0] = 0.5
+            elif op == "relu_":
+                F.relu(y, inplace=True)
+            elif op == "copy_":  # into a buffer the block allocates
+                buf = torch.empty_like(y)
+                buf.copy_(y)
+                y = buf
+            elif op == "scatter_":
+                hot = torch.zeros_like(y)
+                hot.scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+                y = y + hot * y
+            elif op == "index_put_":
+                acc = torch.zeros_like(y)
+                acc.index_put_((torch.zeros(1, dtype=torch.long),), y[:1], accumulate=True)
+                y = y + acc
+            elif op == "detach_":
+                y = y - y.mean().detach_()
+        return x + torch.tanh(y)
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts routing as Hugging Face writes it: softmax router, top-k, the top-k weights
+    renormalised in place, experts' outputs accumulated in place into a zero buffer (dense masks, or
+    ``index_add_`` over the routed tokens)."""
+
+    def __init__(self, b, d):
+        super().__init__()
+        self.k, self.sparse = b["k"], b["sparse"]
+        self.gate = nn.Linear(d, b["experts"], bias=False)
+        self.experts = nn.ModuleList([nn.Linear(d, d) for _ in range(b["experts"])])
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(torch.softmax(self.gate(flat), -1), self.k, dim=-1)
+        weights /= weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            share = (weights * (chosen == e)).sum(-1, keepdim=True)
+            if self.sparse:
+                rows = torch.nonzero(share.squeeze(-1) > 0).squeeze(-1)
+                out.index_add_(0, rows, expert(flat[rows]) * share[rows])
+            else:
+                out += share * expert(flat)
+        return x + out.reshape(x.shape)
+
+
+# block kinds only the checkpoint fuzzer draws (the main campaign's draws stay as they were)
+CHECKPOINT_BLOCKS = {"temp_writes": ("vec", "seq"), "moe": ("vec", "seq")}
+_BUILDERS.update({"temp_writes": TempWrites, "moe": MoE})
+_TEMP_OPS = ("div_", "iadd", "setitem", "relu_", "copy_", "scatter_", "index_put_", "detach_")
+# kinds whose blocks truly write state they read (spectral norm's power iteration, old and parametrized;
+# a running mean read back): the only blocks checkpoint=True may refuse to recompute
+STATE_WRITERS = ("spectral_norm", "spectral_param", "buffer")
+
+
+def draw_checkpoint_spec(seed: int) -> dict[str, Any]:
+    """:func:`draw_spec`, and for half the seeds two blocks of a kind in :data:`CHECKPOINT_BLOCKS`
+    inserted at random places (two, so they are repeated blocks)."""
+    spec = draw_spec(seed)
+    rng = random.Random(f"checkpoint-{seed}")
+    if rng.random() < 0.5:
+        kind = rng.choice(sorted(CHECKPOINT_BLOCKS))
+        for _ in range(2):
+            if kind == "moe":
+                b = {"kind": kind, "experts": rng.choice([2, 3, 4]), "sparse": rng.random() < 0.5}
+                b["k"] = rng.randint(1, b["experts"] - 1)
+            else:
+                b = {"kind": kind, "ops": rng.sample(_TEMP_OPS, 2)}
+            spec["blocks"].insert(rng.randint(0, len(spec["blocks"])), b)
+    return spec
+
+
 def check_checkpointing(spec: dict[str, Any]) -> dict[str, Any]:
     """``checkpoint=True`` against ``checkpoint=False`` on one spec's model: one train-mode step (same
-    RNG seed) gives equal outputs, gradients and buffers, recomputation included. Same result shape as
-    :func:`check_spec`; outcome "refused" when the model has no block to recompute (a DynLoRAError)."""
+    RNG seed) gives equal outputs, gradients and buffers, recomputation included, and every repeated
+    block is recomputed unless its kind truly writes state it reads (:data:`STATE_WRITERS`). Same result
+    shape as :func:`check_spec`; outcome "refused" when the model cannot be transformed, or has no
+    block to recompute (a DynLoRAError), with the reason in the notes."""
     model, args = build(spec)
     config = make_config(spec)
     try:
         plain = dl.transform(model, args, config, checkpoint=False)
     except dl.DynLoRAError as exc:
         return {"outcome": "refused", "capture": None, "failures": [], "notes": [f"transform: {exc.cause[:120]}"]}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    blocks = repeated_blocks(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             recomputed = dl.transform(model, args, config, checkpoint=True)
-    except dl.DynLoRAError as exc:
-        return {"outcome": "refused", "capture": plain.capture_method, "failures": [],
-                "notes": [f"checkpoint=True: {exc.cause[:160]}"]}
+        except dl.DynLoRAError as exc:
+            recomputed, refusal = None, exc.cause
+    skipped = [b for b in blocks if recomputed is None or b not in recomputed.checkpointed]
+    false = [b for b in skipped if spec["blocks"][int(b.rsplit(".", 1)[1])]["kind"] not in STATE_WRITERS]
+    if recomputed is None:
+        failures = [{"check": "checkpoint-false-refusal", "detail": f"{false}: {refusal[:300]}"}] if false else []
+        return {"outcome": "fail" if failures else "refused", "capture": plain.capture_method,
+                "failures": failures, "notes": [f"checkpoint=True: {refusal[:160]}"]}
     runs = []
     for gm in (plain, recomputed):
         params = [p for p in gm.parameters() if p.requires_grad]
@@ -883,6 +983,9 @@ def check_checkpointing(spec: dict[str, Any]) -> dict[str, Any]:
         runs.append((_float_leaves(out), grads, _buffers(gm)))
     (o0, g0, b0), (o1, g1, b1) = runs
     failures = []
+    if false:
+        why = "; ".join(str(w.message)[:300] for w in caught if "checkpointing" in str(w.message))
+        failures.append({"check": "checkpoint-false-refusal", "detail": f"{false}: {why}"})
     if not all(_tensor_close(a, b) for a, b in zip(o0, o1)) or len(o0) != len(o1):
         failures.append({"check": "checkpoint-output", "detail": _diff(o0, o1)})
     peers = max((float(g.abs().max()) for g in g0 if g is not None and g.numel()), default=0.0)
@@ -890,5 +993,7 @@ def check_checkpointing(spec: dict[str, Any]) -> dict[str, Any]:
         failures.append({"check": "checkpoint-grads", "detail": "gradients differ with checkpoint=True"})
     if not all(_tensor_close(b0[k], b1[k]) for k in b0):
         failures.append({"check": "checkpoint-buffers", "detail": "buffers differ with checkpoint=True"})
+    notes = [f"recomputed {len(recomputed.checkpointed)} blocks"]
+    notes += [f"not recomputed: {b} ({spec['blocks'][int(b.rsplit('.', 1)[1])]['kind']})" for b in skipped]
     return {"outcome": "fail" if failures else "ok", "capture": recomputed.capture_method, "failures": failures,
-            "notes": [f"recomputed {len(recomputed.checkpointed)} blocks"]}
+            "notes": notes}

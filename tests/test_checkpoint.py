@@ -13,7 +13,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 import dynlora_fx as dl
 from dynlora_fx.errors import ConfigError, DynLoRAError
-from dynlora_fx.passes import find_regions, repeated_blocks
+from dynlora_fx.passes import find_regions, region_modules, repeated_blocks
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from _common import SavedTensors  # noqa: E402
@@ -190,31 +190,235 @@ def test_compiled_checkpointing_matches_and_never_recompiles():
     assert max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False])) <= 1e-5
 
 
+def _steps(gm, inputs, steps=3):
+    """``steps`` train-mode forward/backward passes on ``inputs(i)``: outputs, gradients, the bytes the
+    first saved for backward, and the buffers after the last."""
+    gm.train()
+    outs, grads, nbytes = [], [], None
+    for i in range(steps):
+        out, g, b = _step(gm, lambda: gm(*inputs(i)), seed=i)
+        outs.append(out)
+        grads.append(g)
+        nbytes = b if nbytes is None else nbytes
+    return outs, grads, nbytes, {n: b.clone() for n, b in gm.named_buffers()}
+
+
+def _assert_same_steps(plain, recomputed, exact=True):
+    """Outputs, every gradient and every buffer of two ``_steps`` runs: equal bit for bit, or ≤ 1e-6."""
+    (o0, g0, _, b0), (o1, g1, _, b1) = plain, recomputed
+    close = torch.equal if exact else (lambda a, b: _rel(a, b) <= 1e-6)
+    assert all(close(a, b) for a, b in zip(o1, o0))
+    for a, b in zip(g1, g0):
+        assert a.keys() == b.keys() and all(close(a[k], b[k]) for k in b), [k for k in b if not close(a[k], b[k])]
+    assert b0.keys() == b1.keys() and all(torch.equal(b1[k], b0[k]) for k in b0)
+
+
 class NormBlock(nn.Module):
-    def __init__(self):
+    """conv/linear -> batch norm -> relu -> ... -> batch norm, residual: batch norm mid-block and last."""
+
+    def __init__(self, dims=2, d=4, norm=None):
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        conv = {1: lambda: nn.Linear(d, d), 2: lambda: nn.Conv2d(d, d, 3, padding=1),
+                3: lambda: nn.Conv3d(d, d, 3, padding=1)}[dims]
+        norm = norm or {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        self.conv, self.bn, self.conv2, self.bn2 = conv(), norm(d), conv(), norm(d)
 
     def forward(self, x):
-        return x + torch.relu(self.bn(self.conv(x)))
+        return x + self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
 
 
-def test_blocks_updating_state_in_place_are_not_recomputed():
-    """Under fx, batch norm is a module call that updates its running statistics: recomputing its block
-    would update them twice, so such blocks are refused (True) or left plain with a warning (auto)."""
-    x = torch.randn(2, 4, 8, 8)
-    with pytest.raises(DynLoRAError, match="batch-norm running statistics"):
-        dl.transform(nn.Sequential(NormBlock(), NormBlock()), (x,), dl.SwitchLoRA(rank=2), checkpoint=True)
+class NormStack(nn.Sequential):
+    """``exported=True`` adds an int() of a shape, which fx cannot trace."""
 
-    class OwnCheckpoint(nn.Sequential):
-        def forward(self, x):
-            for block in self:
-                x = torch_checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
+    def __init__(self, *blocks, exported=False, own_checkpoint=False):
+        super().__init__(*blocks)
+        self.exported, self.own_checkpoint = exported, own_checkpoint
 
+    def forward(self, x):
+        if self.exported:
+            x = x.reshape(int(x.shape[0]), *x.shape[1:])
+        for block in self:
+            x = torch_checkpoint.checkpoint(block, x, use_reentrant=False) if self.own_checkpoint else block(x)
+        return x
+
+
+_NORM_SHAPES = {1: (6, 4), 2: (2, 4, 6, 6), 3: (2, 4, 3, 4, 4)}
+
+
+@pytest.mark.parametrize("dims, exported", [(1, False), (2, False), (3, False), (2, True)],
+                         ids=["1d-fx", "2d-fx", "3d-fx", "2d-export"])
+def test_batch_norm_blocks_recompute_with_one_statistics_update(dims, exported):
+    """Training-mode batch norm becomes a pure normalisation (recomputed) and a statistics update that runs
+    once, after the region: after 3 steps outputs, gradients and running statistics equal the unchecked
+    ones bit for bit, on both capture paths; eval mode still uses the running statistics."""
+    model = NormStack(NormBlock(dims), NormBlock(dims), exported=exported)
+    shape = _NORM_SHAPES[dims]
+    runs, eval_out = {}, {}
+    for checkpoint in (False, True):
+        gm = dl.transform(model, (torch.randn(shape),), dl.SwitchLoRA(rank=2), checkpoint=checkpoint)
+        assert gm.capture_method == ("export" if exported else "symbolic_trace")
+        assert gm.checkpointed == (("0", "1") if checkpoint else ())
+        runs[checkpoint] = _steps(gm, lambda i: (torch.randn(shape, generator=torch.Generator().manual_seed(i)),))
+        eval_out[checkpoint] = gm.eval()(torch.ones(shape))
+    _assert_same_steps(runs[False], runs[True])
+    assert runs[True][3]["model.0.bn.num_batches_tracked"].item() == 3
+    assert torch.equal(eval_out[True], eval_out[False])
+
+
+def _tv_resnet():
+    from torchvision.models.resnet import BasicBlock, ResNet
+    return ResNet(BasicBlock, [2, 1, 1, 1], num_classes=4)
+
+
+def _tv_regnet():
+    from torchvision.models.regnet import BlockParams, RegNet
+    return RegNet(BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=8), num_classes=4)
+
+
+def _tv_mobilenet():
+    from torchvision.models import mobilenet_v3_small
+    return mobilenet_v3_small(weights=None, width_mult=0.25, num_classes=4)
+
+
+def _timm_efficientnet():
+    import timm
+    return timm.create_model("test_efficientnet", pretrained=False, num_classes=4)
+
+
+@pytest.mark.parametrize("build", [_tv_regnet, _timm_efficientnet], ids=["tv-regnet", "timm-efficientnet"])
+def test_batch_norm_cnns_under_fx_recompute_exactly(build):
+    model = build()
+    x = torch.randn(2, 3, 32, 32)
+    runs = {}
+    for checkpoint in (False, True):
+        gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=checkpoint)
+        assert gm.capture_method == "symbolic_trace"
+        assert gm.checkpointed == (tuple(repeated_blocks(model)) if checkpoint else ())
+        runs[checkpoint] = _steps(gm, lambda i: (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),),
+                                  steps=2)
+    _assert_same_steps(runs[False], runs[True])
+    assert runs[True][2] < runs[False][2]
+
+
+def test_batch_norm_that_cannot_be_split_is_refused_with_the_module():
+    """SyncBatchNorm decides at run time whether to synchronise statistics across processes, and
+    momentum=None averages with 1/num_batches_tracked read at run time: fx keeps both module calls,
+    which recomputation would repeat."""
+    x = torch.randn(*_NORM_SHAPES[1])
+    for norm, kind in ((nn.SyncBatchNorm, "SyncBatchNorm"), (lambda d: nn.BatchNorm1d(d, momentum=None), "BatchNorm1d")):
+        with pytest.raises(DynLoRAError, match=rf"0\.bn2? \({kind}, a module kept opaque\).*in place"):
+            dl.transform(NormStack(NormBlock(1, norm=norm), NormBlock(1, norm=norm)), (x,), dl.SwitchLoRA(rank=2),
+                         checkpoint=True)
+
+
+class TempWrites(nn.Module):
+    """In-place ops on tensors the block itself creates (the issue's ``y.div_(3)``, a router's
+    ``index_put_``/``scatter_`` into a zero buffer, ``+=``, ``copy_``, ``detach_``): all recomputable."""
+
+    def __init__(self, d=8, exported=False):
+        super().__init__()
+        self.lin, self.gate, self.out = nn.Linear(d, d), nn.Linear(d, 4), nn.Linear(d, d)
+        self.norm = nn.Parameter(torch.ones(d))
+        self.exported = exported
+
+    def forward(self, x):
+        n = len(x) if self.exported else x.shape[0]
+        y = self.lin(x).reshape(n, -1) * 2
+        y.div_(3)
+        weights, experts = torch.topk(torch.softmax(self.gate(x), -1), 2, dim=-1)
+        weights /= weights.sum(-1, keepdim=True)  # a router's normalisation, in place
+        dense = torch.zeros_like(weights[:, :1]).expand(-1, 4).contiguous()
+        dense.scatter_(1, experts, weights)
+        mixed = torch.zeros_like(y)
+        mixed.index_put_((torch.arange(y.shape[0]),), y * dense[:, :1], accumulate=True)
+        h = self.norm * mixed
+        h += y
+        scratch = torch.empty_like(h)
+        scratch.copy_(h)
+        stat = scratch.mean().detach_()
+        return x + self.out(torch.relu(scratch)) - stat
+
+
+class TempStack(nn.Module):
+    def __init__(self, exported=False, own_checkpoint=False, block=TempWrites):
+        super().__init__()
+        self.layers = nn.ModuleList([block(exported=exported) for _ in range(2)])
+        self.own_checkpoint = own_checkpoint
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch_checkpoint.checkpoint(layer, x, use_reentrant=False) if self.own_checkpoint else layer(x)
+        return x
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["fx", "export"])
+def test_blocks_writing_their_own_temporaries_are_recomputed(exported):
+    model = TempStack(exported=exported, own_checkpoint=True)
+    x = torch.randn(6, 8)
+    runs = {}
+    for checkpoint in ("auto", False):
+        gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=checkpoint)
+        assert gm.capture_method == ("export" if exported else "symbolic_trace")
+        assert gm.checkpointed == (("layers.0", "layers.1") if checkpoint else ())
+        runs[checkpoint] = _steps(gm, lambda i: (torch.randn(6, 8, generator=torch.Generator().manual_seed(i)),))
+    _assert_same_steps(runs[False], runs["auto"], exact=False)
+    assert runs["auto"][2] < 0.5 * runs[False][2]
+
+
+class Counted(nn.Module):
+    """A call counter updated in place: read back by the block (a true state write), or not (it then
+    runs once, after the block's region)."""
+
+    def __init__(self, d=8, exported=False, read_back=True):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.register_buffer("calls", torch.zeros(()))
+        self.read_back = read_back
+
+    def forward(self, x):
+        self.calls.add_(1)
+        y = torch.tanh(self.lin(x))
+        return y * self.calls if self.read_back else y
+
+
+class SpectralNormed(nn.Module):
+    """The old hook-based spectral norm: its power iteration writes weight_u/weight_v, then the block reads them."""
+
+    def __init__(self, d=8, exported=False):
+        super().__init__()
+        self.lin, self.out = nn.utils.spectral_norm(nn.Linear(d, d)), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("block", [Counted, SpectralNormed])
+def test_blocks_writing_state_they_read_are_refused(block):
+    """True state writes: "auto" fails loudly on a block the model checkpoints, naming it, the write
+    and the remedy; checkpoint=True (the user's own choice) warns and runs such blocks plain."""
+    model, x = TempStack(own_checkpoint=True, block=block), torch.randn(4, 8)
+    with pytest.raises(DynLoRAError, match=r"layers\.0.*(in place|writes).*checkpoint=False") as err:
+        dl.transform(model, (x,), dl.SwitchLoRA(rank=2))
+    assert "cannot be recomputed" in str(err.value)
+    with pytest.raises(DynLoRAError, match="no block is a region"):
+        dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=True)
+    model.layers.append(Block(8))  # one block that can be recomputed: True proceeds, with a warning
     with pytest.warns(RuntimeWarning, match="without activation checkpointing"):
-        gm = dl.transform(OwnCheckpoint(NormBlock(), NormBlock()), (x,), dl.SwitchLoRA(rank=2))
-    assert gm.checkpointed == ()
+        gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=True)
+    assert gm.checkpointed == ("layers.2",)
+    assert dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=False).checkpointed == ()
+
+
+def test_counter_nothing_reads_back_runs_once_after_the_region():
+    model, x = TempStack(own_checkpoint=True, block=lambda exported: Counted(read_back=False)), torch.randn(4, 8)
+    runs = {}
+    for checkpoint in ("auto", False):
+        gm = dl.transform(model, (x,), dl.SwitchLoRA(rank=2), checkpoint=checkpoint)
+        runs[checkpoint] = _steps(gm, lambda i: (torch.randn(4, 8, generator=torch.Generator().manual_seed(i)),))
+    assert gm.checkpointed == () and dl.transform(model, (x,), dl.SwitchLoRA(rank=2)).checkpointed == \
+        ("layers.0", "layers.1")
+    _assert_same_steps(runs[False], runs["auto"])
+    assert runs["auto"][3]["model.layers.0.calls"].item() == 3
 
 
 def test_checkpoint_errors():
@@ -237,3 +441,62 @@ def test_fuzzed_models_recompute_exactly(seed):
         warnings.simplefilter("ignore")
         result = fm.check_checkpointing(fm.draw_spec(seed))
     assert result["outcome"] == "ok", result
+
+
+# The checkpoint fuzzer's own block kinds (fuzz_models.CHECKPOINT_BLOCKS): MoE routing with index_add_
+# over routed tokens (export), dense and sparse routing (fx); every repeated block is recomputed, with
+# the same outputs, gradients and buffers.
+@pytest.mark.parametrize("seed", [17, 19])
+def test_fuzzed_temporary_writes_and_routing_recompute(seed):
+    import fuzz_models as fm
+
+    spec = fm.draw_checkpoint_spec(seed)
+    assert {b["kind"] for b in spec["blocks"]} & set(fm.CHECKPOINT_BLOCKS)
+    result = fm.check_checkpointing(spec)
+    assert result["outcome"] == "ok" and result["notes"] == [f"recomputed {len(spec['blocks'])} blocks"], result
+
+
+def _hf_model(transformers, arch):
+    """A tiny Hugging Face model built from its config: (model, inputs, its decoder/encoder layers)."""
+    t, common = transformers, {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    if arch == "deberta-v2":
+        cfg = t.DebertaV2Config(**common, intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                                position_buckets=8, pos_att_type=["p2c", "c2p"])
+        return t.DebertaV2ForMaskedLM(cfg), {}, ("deberta.encoder.layer.0", "deberta.encoder.layer.1")
+    moe = {"num_key_value_heads": 2, "num_experts_per_tok": 2}
+    if arch == "qwen3-moe":
+        cfg = t.Qwen3MoeConfig(**common, **moe, intermediate_size=64, moe_intermediate_size=16, head_dim=16,
+                               num_experts=4, decoder_sparse_step=1)
+        model = t.Qwen3MoeForCausalLM(cfg)
+    elif arch == "deepseek-v3":  # multi-head latent attention + shared and routed experts in both layers
+        cfg = t.DeepseekV3Config(**common, **moe, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                                 n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)
+        model = t.DeepseekV3ForCausalLM(cfg)
+    else:
+        cfg = t.GptOssConfig(**common, **moe, intermediate_size=32, head_dim=16, num_local_experts=4,
+                             layer_types=["full_attention"] * 2)
+        model = t.GptOssForCausalLM(cfg)
+    return model, {"use_cache": False}, ("model.layers.0", "model.layers.1")
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "deepseek-v3", "gpt-oss", "deberta-v2"])
+def test_hugging_face_moe_mla_and_deberta_layers_are_recomputed(arch):
+    """Routers normalise their top-k weights in place and experts scatter into buffers they allocate:
+    temporaries, so "auto" keeps every layer the model checkpoints. The checkpointed step equals the
+    same graph run without recomputation (loss and every gradient), and keeps a fraction of its bytes."""
+    transformers = pytest.importorskip("transformers")
+    model, kwargs, layers = _hf_model(transformers, arch)
+    model.train().gradient_checkpointing_enable({"use_reentrant": False})
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 64)), **kwargs}
+    gm = dl.transform(model, (), dl.SwitchLoRA(rank=4), example_kwargs=kwargs)
+    assert gm.checkpointed == layers
+    plain = copy.deepcopy(gm)
+    for region in region_modules(plain.graph_module("train")):
+        region.recompute = False  # the same ops, activations kept
+    (o0, g0, b0), (o1, g1, b1) = [_step(g, lambda g=g: g.train()(**kwargs).logits) for g in (plain, gm)]
+    assert _rel(o1.square().mean(), o0.square().mean()) <= 1e-6
+    assert g0.keys() == g1.keys() and max(_rel(g1[k], g0[k]) for k in g0) <= 1e-6
+    assert b1 <= 0.2 * b0, (b1, b0)
+    with torch.no_grad():
+        assert _rel(gm.eval()(**kwargs).logits, model.eval()(**kwargs).logits) <= 1e-5
