@@ -443,11 +443,16 @@ def test_bad_input_gets_a_dynlora_error():
             dl.fully_shard(_net(SWITCHING), reshard_after_forward=3)
         with pytest.raises(DynLoRAError, match="unknown unit type"):
             dl.fully_shard(_net(SWITCHING), reshard_after_forward={"layers": False})
-        # a 1x1 HSDP mesh (one replica group of one rank) is valid: dims named as torch places them
-        hsdp = dl.fully_shard(_net(SWITCHING), mesh=init_device_mesh("cpu", (1, 1),
-                                                                    mesh_dim_names=("replicate", "shard")),
-                              reshard_after_forward={"blocks": False, "root": True})
-        assert _train(hsdp, 2)[1]._dynlora_switcher.num_switched()[0] > 0
+        # a 1x1 HSDP mesh (one replica group of one rank) is valid: dims named as torch places them; its
+        # dl.compile'd module (checkpointed regions) follows the eager single-process run, switching without recompiles
+        hsdp = dl.fully_shard(_net(SWITCHING, checkpoint=True), mesh=init_device_mesh(
+            "cpu", (1, 1), mesh_dim_names=("replicate", "shard")), reshard_after_forward={"blocks": False, "root": True})
+        opt = dl.AdamW(hsdp.parameters(), lr=1e-2)
+        dl.attach(hsdp, opt, STEPS)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            losses, _ = _train(dl.compile(hsdp), 4, opt=opt)
+        torch.testing.assert_close(losses, _train(_net(SWITCHING, checkpoint=True), 4)[0], rtol=1e-5, atol=1e-6)
+        assert opt._dynlora_switcher.num_switched()[0] > 0
         attached = _net(SWITCHING)
         dl.attach(attached, dl.AdamW(attached.parameters()), 10)
         with pytest.raises(DynLoRAError, match="call dl.fully_shard first"):
