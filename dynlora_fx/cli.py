@@ -12,7 +12,9 @@ tensors), the transformed module is wrapped in DDP, or sharded with ``dl.fully_s
 (FSDP2) under ``--shard``, and each rank trains on its own slice of every global batch
 ``batches()`` yields. Only rank 0 prints and writes files; the numbers are the global
 batch's, as a single process would report them. ``--shard`` without torchrun is a 1-rank
-FSDP2 run in a local gloo group.
+FSDP2 run in a local gloo group; ``--shard --replicate N`` is HSDP (N replica groups of WORLD_SIZE/N
+ranks). Under ``torchrun --max-restarts`` with ``--resume``, a restarted group continues from the last
+complete checkpoint (``--save-every``), or starts fresh when there is none yet.
 """
 
 from __future__ import annotations
@@ -703,8 +705,10 @@ def _save_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[st
         loop = {name: {k: v for k, v in trainer.state_dict().items() if k != "optimizer"}
                 for name, trainer in runs.items()}
         torch.save(loop, tmp / _LOOP)
-        shutil.rmtree(old, ignore_errors=True)
+        # a complete checkpoint exists at every instant: final, or old between the renames (then
+        # final is missing, and old, which _load_sharded falls back to, must stay until tmp is final)
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)

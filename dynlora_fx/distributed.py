@@ -165,7 +165,7 @@ def _reshard_policy(value: Any, shard_size: int) -> tuple[Reshard, Reshard | Non
                            "pass True, False, an int, or a dict with keys 'blocks' and/or 'root'")
     policy = {"blocks": per_type.get("blocks", True), "root": per_type.get("root")}
     for kind, v in policy.items():
-        if v is None and kind == "root" or isinstance(v, bool):
+        if v is None or isinstance(v, bool):  # None: torch's default (True for blocks, gathered root)
             continue
         if not isinstance(v, int) or v <= 1 or v >= shard_size or shard_size % v:
             raise DynLoRAError(f"{where} ({kind})", f"{v!r} is not True, False or a group size that divides the "
