@@ -58,6 +58,13 @@ Usage::
     python benchmarks/fsdp.py --markdown            # worlds 2 and 4, dim 256, 4 layers, rank 64
     python benchmarks/fsdp.py --quick               # 2 ranks, tiny model, 2 timed steps: a smoke test
     python benchmarks/fsdp.py --worlds 2 --setups full-rank-fsdp2,switchlora-fsdp2
+    python benchmarks/fsdp.py --policies --markdown # 4 ranks as 2 nodes: FSDP2 / HSDP x reshard policies
+
+``--policies`` measures, for full-rank and SwitchLoRA (``--policy-ranks``, default 16 and 64), FSDP2 over
+all ranks and HSDP with one replica group per emulated node (``--node-size`` consecutive ranks), for each
+``reshard_after_forward`` the blocks can take: per rank and step, peak memory, the ring bytes sent on
+process groups that span nodes ("cross-node") and on those inside one, and step time
+(``benchmarks/results/fsdp_policies.json``).
 
 Writes JSON (``--out``, default ``benchmarks/results/fsdp.json``) and prints tables to stdout
 (``--markdown``: GitHub markdown); progress goes to stderr.
@@ -156,11 +163,14 @@ class CommCounter:
                 if getattr(mod, name, None) is orig:
                     setattr(mod, name, wrapped)
 
+    link_of: Callable[[Any], tuple[str, int]] | None = None  # group -> (link, group size), for --policies
+
     def reset(self) -> None:
         self.calls = {k: 0 for k in KINDS}
         self.bytes = {k: 0 for k in KINDS}
         self.hook_bytes = 0  # DDP comm hook: gradient buckets
         self.hook_calls = 0
+        self.links: dict[str, float] = {"cross": 0.0, "inside": 0.0}  # ring bytes this rank sends, per link
 
     def _wrap(self, orig: Callable, kind: str, size: Callable[[dict], int]) -> Callable:
         try:
@@ -178,6 +188,9 @@ class CommCounter:
                     n = 0
                 self.calls[kind] += 1
                 self.bytes[kind] += n
+                if self.link_of is not None:
+                    link, w = self.link_of(bound.get("group") if sig is not None else None)
+                    self.links[link] += (2 if kind == "all_reduce" else 1) * (w - 1) / w * n
             self._local.depth = depth + 1
             try:
                 return orig(*args, **kwargs)
@@ -500,6 +513,199 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
 
 
 # ---------------------------------------------------------------------------------------------
+# --policies: FSDP2 and HSDP layouts x reshard_after_forward policies, bytes per link
+# ---------------------------------------------------------------------------------------------
+def policy_cases(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
+    """Every (layout, policy, model): FSDP2 over all ranks, and HSDP with one replica group per node;
+    policies True, False and each non-trivial divisor of the shard group (reshard to that many
+    ranks: one node, when it is --node-size); models full-rank and SwitchLoRA at each --policy-ranks."""
+    cases = []
+    for layout, replicas in (("FSDP2", 1), ("HSDP", world // args.node_size)):
+        shard = world // replicas
+        for policy in [True, False] + [d for d in range(2, shard) if shard % d == 0]:
+            for model in ["full-rank"] + [f"switchlora r{r}" for r in args.policy_ranks]:
+                cases.append({"layout": layout, "replicas": replicas, "shard": shard, "policy": policy,
+                              "model": model, "name": f"{model} {layout} {replicas}x{shard} raf={policy}"})
+    return cases
+
+
+def build_policy_case(case: dict[str, Any], args: argparse.Namespace, example: torch.Tensor) -> Setup:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,)) if case["replicas"] == 1 else init_device_mesh(
+        "cpu", (case["replicas"], case["shard"]), mesh_dim_names=("replicate", "shard"))
+    model = build_model(model_config(args))
+    if case["model"] == "full-rank":
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=case["policy"])
+        fully_shard(model, mesh=mesh)  # the root stays gathered (torch's default), as dl.fully_shard's
+        return Setup(case["name"], model, torch.optim.AdamW(model.parameters(), lr=args.lr), model, dict)
+    rank = int(case["model"].rsplit("r", 1)[1])
+    gm = dl.transform(model, (example,), dl.SwitchLoRA(rank=rank, tokens_per_step=example.numel()), checkpoint=False)
+    dl.fully_shard(gm, mesh=mesh, reshard_after_forward=case["policy"])
+    opt = dl.AdamW(gm.parameters(), lr=args.lr)
+    s = Setup(case["name"], gm, opt, gm, dict)
+    s.switcher = dl.attach(gm, opt, args.total_steps)
+    return s
+
+
+def link_classifier(node_size: int) -> Callable[[Any], tuple[str, int]]:
+    """A process group's link: "cross" when its ranks sit on more than one node (consecutive blocks
+    of ``node_size`` ranks, as torchrun numbers them), else "inside"; with the group's size."""
+    cache: dict[int, tuple[str, int]] = {}
+
+    def link_of(group: Any) -> tuple[str, int]:
+        key = id(group)
+        if key not in cache:
+            ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+            cache[key] = ("cross" if len({r // node_size for r in ranks}) > 1 else "inside", len(ranks))
+        return cache[key]
+    return link_of
+
+
+def peak_step_bytes(s: Setup, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """How far the bytes of live CPU tensors rise above the step's start during one training step
+    (allocations and frees recorded by torch.profiler, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(s, batch)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def policy_worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
+    result: dict[str, Any] = {"rank": rank, "cases": {}}
+    try:
+        counter = CommCounter()
+        counter.link_of = link_classifier(args.node_size)
+        batches = make_batches(args, rank, world)
+        setups = []
+        for case in policy_cases(args, world):
+            s = build_policy_case(case, args, batches[0][0])
+            for i in range(args.warmup):
+                train_step(s, batches[i % len(batches)])
+            held = state_bytes(s.inner, s.opt)  # between steps: parameters and optimizer state (no gradients)
+            s.state = {"between_steps": held["params"] + held["optimizer"], **held}
+            setups.append((case, s))
+            if rank == 0:
+                log(f"[policies] built {case['name']}")
+        step = args.warmup
+        links = {s.name: {"cross": 0.0, "inside": 0.0} for _, s in setups}
+        for r in range(args.rounds):
+            k = r % len(setups)
+            for case, s in setups[k:] + setups[:k]:
+                dist.barrier()
+                counter.reset()
+                counter.active = True
+                for _ in range(args.steps_per_round):
+                    s.times.append(train_step(s, batches[step % len(batches)]))
+                    step += 1
+                counter.active = False
+                for link, n in counter.links.items():
+                    links[s.name][link] += n
+            if rank == 0:
+                log(f"[policies] round {r + 1}/{args.rounds} done")
+        for case, s in setups:
+            dist.barrier()
+            rise = peak_step_bytes(s, batches[step % len(batches)])
+            n = len(s.times)
+            result["cases"][s.name] = {
+                **case, "step_ms": 1e3 * median(s.times), "timed_steps": n, "state": s.state,
+                "peak_bytes": s.state["between_steps"] + rise, "peak_rise_bytes": rise,
+                "cross_bytes_per_step": links[s.name]["cross"] / n,
+                "inside_bytes_per_step": links[s.name]["inside"] / n,
+                "trainable_params": sum(p.numel() for p in s.inner.parameters() if p.requires_grad)}
+        dist.barrier()
+    finally:
+        Path(out_dir, f"policies_rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def summarize_policies(ranks: list[dict]) -> list[dict[str, Any]]:
+    rows = []
+    for name, first in ranks[0]["cases"].items():
+        per = [r["cases"][name] for r in ranks]
+        row = {k: first[k] for k in ("layout", "replicas", "shard", "policy", "model", "name", "trainable_params")}
+        row.update(peak_bytes_max=max(p["peak_bytes"] for p in per),
+                   between_steps_max=max(p["state"]["between_steps"] for p in per),
+                   step_ms_max=max(p["step_ms"] for p in per),
+                   cross_bytes_per_step=max(p["cross_bytes_per_step"] for p in per),
+                   inside_bytes_per_step=max(p["inside_bytes_per_step"] for p in per), per_rank=per)
+        rows.append(row)
+    for row in rows:  # against full-rank on the same layout and policy
+        ref = next(r for r in rows if r["model"] == "full-rank" and r["layout"] == row["layout"]
+                   and r["policy"] == row["policy"])
+        row["cross_vs_full_rank"] = _ratio(row["cross_bytes_per_step"], ref["cross_bytes_per_step"])
+        row["trainable_vs_full_rank"] = _ratio(row["trainable_params"], ref["trainable_params"])
+    return rows
+
+
+def policy_table(rows: list[dict[str, Any]], node_size: int) -> tuple[list[str], list[list[str]]]:
+    head = ["layout", "reshard_after_forward", "model", "peak memory/rank", "cross-node sent/rank",
+            "vs full-rank (trainable ratio)", "inside-node sent/rank", "step ms"]
+    out = []
+    for r in rows:
+        pol = str(r["policy"]) if isinstance(r["policy"], bool) else \
+            f"{r['policy']}{' (one node)' if r['policy'] == node_size else ''}"
+        vs = "" if r["model"] == "full-rank" else \
+            f"{_fmt_ratio(r['cross_vs_full_rank'])}x ({_fmt_ratio(r['trainable_vs_full_rank'])})"
+        out.append([f"{r['layout']} {r['replicas']}x{r['shard']}", pol, r["model"], human_bytes(r["peak_bytes_max"]),
+                    human_bytes(r["cross_bytes_per_step"]), vs, human_bytes(r["inside_bytes_per_step"]),
+                    f"{r['step_ms_max']:.0f}"])
+    return head, out
+
+
+def run_policies(args: argparse.Namespace) -> dict[str, Any]:
+    world = args.worlds[-1]
+    if world % args.node_size or world // args.node_size < 2:
+        raise SystemExit(f"--policies needs at least 2 nodes of --node-size {args.node_size}: got {world} ranks")
+    t_start = time.perf_counter()
+    log(f"[policies] spawning {world} gloo ranks, nodes of {args.node_size}")
+    with tempfile.TemporaryDirectory(prefix="fsdp-policies-") as tmp:
+        mp.spawn(policy_worker, args=(world, _free_port(), args, tmp), nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"policies_rank{r}.json").read_text()) for r in range(world)]
+    result = {"benchmark": "fsdp-policies", "machine": machine_info(), "code": code_version(HERE.parent),
+              "args": vars(args), "world": world, "rows": summarize_policies(ranks),
+              "runtime_s": time.perf_counter() - t_start,
+              "notes": [
+                  "Nodes are consecutive blocks of --node-size ranks on this one machine (gloo over loopback): the "
+                  "byte counts are what a multi-node job would move; the step times are not a multi-node job's.",
+                  "cross-node / inside-node: ring bytes this rank sends per step (all-gather and reduce-scatter "
+                  "(W-1)/W of the buffer, all-reduce 2(W-1)/W, W the group's size), attributed to the process "
+                  "group each collective runs on: 'cross' when that group's ranks sit on more than one node. A "
+                  "ring over such a group also has hops inside a node: 'cross' bounds the slow link's share.",
+                  "peak memory: parameters + optimizer state held between steps (local shards) plus the highest "
+                  "rise of live CPU tensor bytes during one step (torch.profiler allocation events).",
+                  "The root module stays gathered from forward to backward (torch's default) in every case; "
+                  "the policy is the blocks'.",
+              ]}
+    result["machine"]["torch_threads_per_rank"] = 1
+    path = write_json(args.out, result)
+    h, rows = policy_table(result["rows"], args.node_size)
+    if args.markdown:
+        a = args
+        print(f"_tiny LLaMA, {a.layers} layers, dim {a.dim}; global batch {a.batch}x{a.seq}; {world} CPU gloo ranks "
+              f"as {world // a.node_size} nodes of {a.node_size}; per rank and step (the largest over ranks); step "
+              f"ms = median of {a.rounds}x{a.steps_per_round} interleaved steps, slowest rank._\n")
+        print(markdown_table(h, rows, ["l", "l", "l"] + ["r"] * (len(h) - 3)))
+    else:
+        from rich.console import Console
+        Console(width=220, highlight=False).print(rich_table("reshard policies", h, rows))
+    log(f"wrote {path} ({result['runtime_s']:.0f} s)")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # summary
 # ---------------------------------------------------------------------------------------------
 def _same(xs: list[float]) -> bool:
@@ -697,7 +903,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-batches", type=int, default=4, help="distinct global batches cycled through")
     p.add_argument("--timeout", type=int, default=600, help="gloo collective timeout, seconds")
     p.add_argument("--verbose", action="store_true", help="tracebacks of setups that fail to build")
+    p.add_argument("--policies", action="store_true",
+                   help="instead: FSDP2 and HSDP x reshard_after_forward policies on --worlds ranks (default 4), "
+                        "bytes per link (--out default benchmarks/results/fsdp_policies.json)")
+    p.add_argument("--node-size", type=int, default=2, help="--policies: ranks per (emulated) node")
+    p.add_argument("--policy-ranks", default="16,64", help="--policies: SwitchLoRA ranks (default 16,64)")
     args = p.parse_args(argv)
+    args.policy_ranks = [int(r) for r in str(args.policy_ranks).split(",") if r.strip()]
+    if args.policies:  # one world; its own JSON
+        args.worlds = args.worlds or "4"
+        if args.out == str(HERE / "results" / "fsdp.json"):
+            args.out = str(HERE / "results" / "fsdp_policies.json")
     q = args.quick
     defaults = dict(worlds=("2", "2,4"), dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(4, 8),
                     seq=(32, 128), warmup=(1, 2), rounds=(1, 3), steps_per_round=(2, 2))
@@ -725,6 +941,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.policies:
+        return run_policies(args)
     t_start = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "fsdp", "machine": machine_info(), "code": code_version(HERE.parent),
                               "args": vars(args), "has_dl_fully_shard": hasattr(dl, "fully_shard"), "worlds": []}

@@ -12,7 +12,9 @@ tensors), the transformed module is wrapped in DDP, or sharded with ``dl.fully_s
 (FSDP2) under ``--shard``, and each rank trains on its own slice of every global batch
 ``batches()`` yields. Only rank 0 prints and writes files; the numbers are the global
 batch's, as a single process would report them. ``--shard`` without torchrun is a 1-rank
-FSDP2 run in a local gloo group.
+FSDP2 run in a local gloo group; ``--shard --replicate N`` is HSDP (N replica groups of WORLD_SIZE/N
+ranks). Under ``torchrun --max-restarts`` with ``--resume``, a restarted group continues from the last
+complete checkpoint (``--save-every``), or starts fresh when there is none yet.
 """
 
 from __future__ import annotations
@@ -94,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16: parameters in bf16, adapted weights keeping an exact fp32 master")
     t.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto",
                    help="activation checkpointing per block: auto follows the model's own, on: every repeated block")
-    t.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--save-every", "--checkpoint-every", dest="checkpoint_every", type=int, default=100,
+                   metavar="STEPS", help="write a checkpoint to --out every STEPS steps (default 100)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out; with none there yet, start fresh (so the same "
+                        "command serves torchrun --max-restarts)")
     d = p.add_argument_group("distributed (run under torchrun: torchrun --nproc-per-node N -m dynlora_fx.cli ...)")
     d.add_argument("--shard", action="store_true",
                    help="shard the model with FSDP2 (dl.fully_shard) instead of replicating it with DDP; "
                         "without torchrun a 1-rank FSDP2 run")
+    d.add_argument("--replicate", type=int, default=1, metavar="N",
+                   help="with --shard: HSDP, N replica groups of WORLD_SIZE/N ranks each (shard inside a group, "
+                        "e.g. a node; only gradients cross between groups)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="write generated code, weights (safetensors), config and checkpoints")
     o.add_argument("--onnx", metavar="PATH", help="export the merged model to ONNX")
@@ -252,6 +260,13 @@ class Dist:
         # the CLI trains on the CPU (gloo); CUDA tensors, where there are any, go through nccl
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if world > 1 and attempt is not None:
+                # torchrun (--max-restarts) keeps one store across attempts: a restarted group would
+                # read the dead attempt's addresses under the same keys, so each attempt gets its own
+                store, rank, size = next(dist.rendezvous("env://"))
+                options = {"store": dist.PrefixStore(f"dynlora/attempt-{attempt}", store), "rank": rank,
+                           "world_size": size}
             dist.init_process_group(backend, **options)
         except Exception as exc:  # noqa: BLE001
             raise DynLoRAError(f"process group ({backend}, WORLD_SIZE={world})",
@@ -380,6 +395,14 @@ def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Dist | None = None) 
     if args.resume and not args.out:
         raise DynLoRAError("--resume", "it needs the --out folder the checkpoint was written to",
                            "pass --out DIR together with --resume")
+    if args.replicate != 1:
+        if args.replicate < 1 or not args.shard:
+            raise DynLoRAError(f"--replicate {args.replicate}", "HSDP needs --shard and at least 1 replica group",
+                               "pass --shard --replicate N with N >= 1 dividing the number of ranks")
+        if ctx.world % args.replicate:
+            raise DynLoRAError(f"--replicate {args.replicate}", f"{ctx.world} ranks do not split into "
+                               f"{args.replicate} equal replica groups",
+                               f"choose N dividing {ctx.world} (e.g. the number of nodes)")
     if ctx.on and args.shard and args.train:
         if args.precision == "bf16":
             raise DynLoRAError("--precision bf16 --shard", "FSDP2 keeps switching exact in fp32 shards, not in "
@@ -407,6 +430,8 @@ def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Dist | None = None) 
     report["precision"], report["checkpointed"] = args.precision, list(gm.checkpointed)
     if ctx.on:
         report["distributed"] = {"world_size": ctx.world, "mode": "fsdp2" if args.shard else "ddp"}
+        if args.shard and args.replicate > 1:
+            report["distributed"].update(mode="hsdp", replicas=args.replicate)
     _print_plan(out, report)  # the plan first: training may take a while
     if args.dry_run:
         _print_report(out, report, args.json if ctx.main else None)
@@ -537,7 +562,9 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (ctx.world,))  # the CLI trains on the CPU
+        # the CLI trains on the CPU; HSDP: replica groups of consecutive ranks (a node each, under torchrun)
+        mesh = init_device_mesh("cpu", (ctx.world,)) if args.replicate == 1 else init_device_mesh(
+            "cpu", (args.replicate, ctx.world // args.replicate), mesh_dim_names=("replicate", "shard"))
     gm.train()
     parallel = dict(rank=ctx.rank, world=ctx.world)
     runs = {"adapted": Trainer(_parallel(gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
@@ -547,7 +574,9 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
         runs["baseline"] = Trainer(_parallel(base, args, ctx, mesh, False), None, settings, user.loss_fn,
                                    inputs_of, **parallel)
     start = 0
-    if args.resume:
+    if args.resume and not _has_checkpoint(args.out):  # a first attempt under torchrun --max-restarts
+        err.print(f"[dim]no checkpoint in {args.out} yet: starting fresh[/]")
+    elif args.resume:
         if sharded:
             _load_sharded(args.out, gm, base if args.baseline else None, runs)
         else:  # every rank reads the one file rank 0 wrote
@@ -584,6 +613,8 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
                 label = f"{gm.dynlora_config.method} r={args.rank}" if name == "adapted" else "full-rank"
                 if ctx.world > 1:
                     label += f" ×{ctx.world} {'FSDP2' if args.shard else 'DDP'}"
+                    if args.shard and args.replicate > 1:
+                        label += f" HSDP {args.replicate}x{ctx.world // args.replicate}"
                 task = progress.add_task(label, total=args.train, completed=trainer.step, loss=float("nan"), tps=0.0,
                                          unit=trainer.unit)
                 while trainer.step < args.train:
@@ -611,7 +642,33 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     if adapted.switcher is not None:
         training["switched"] = list(adapted.switcher.num_switched())
     report["training"] = training
+    if sharded:  # what each rank holds, not the unsharded total
+        report["memory"]["per_rank"] = _per_rank_state(runs, ctx, args.replicate)
     return 0
+
+
+def _state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters + gradients (as large as the trainable parameters) + optimizer state this rank
+    holds: the local shards of DTensors."""
+    from .shards import local
+
+    params = list({id(p): p for p in module.parameters()}.values())
+    held = sum(local(p).numel() * local(p).element_size() * (2 if p.requires_grad else 1) for p in params)
+    return held + sum(local(v).numel() * local(v).element_size() for st in optimizer.state.values()
+                      for v in st.values() if isinstance(v, torch.Tensor))
+
+
+def _per_rank_state(runs: dict[str, Any], ctx: Dist, replicas: int) -> dict[str, Any]:
+    """Every rank's training state in bytes (a collective), for the adapted run and the baseline."""
+    import torch.distributed as dist
+
+    mine = {name: _state_bytes(trainer.module, trainer.optimizer) for name, trainer in runs.items()}
+    every: list[Any] = [None] * ctx.world
+    dist.all_gather_object(every, mine)
+    out = {"adapted_bytes": [r["adapted"] for r in every], "shard_group": ctx.world // replicas}
+    if "baseline" in runs:
+        out["full_rank_bytes"] = [r["baseline"] for r in every]
+    return out
 
 
 # -- checkpoints of a sharded run: torch.distributed.checkpoint, one folder --------------------
@@ -648,12 +705,43 @@ def _save_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[st
         loop = {name: {k: v for k, v in trainer.state_dict().items() if k != "optimizer"}
                 for name, trainer in runs.items()}
         torch.save(loop, tmp / _LOOP)
-        shutil.rmtree(old, ignore_errors=True)
+        # a complete checkpoint exists at every instant: final, or old between the renames (then
+        # final is missing, and old, which _load_sharded falls back to, must stay until tmp is final)
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _has_checkpoint(out: str) -> bool:
+    """Whether ``out`` holds a checkpoint of either kind (a sharded one may be mid-swap: see _save_sharded)."""
+    from .checkpoint import CHECKPOINT
+
+    folder = Path(out) / DCP_DIR
+    return (Path(out) / CHECKPOINT).exists() or any(
+        (f / _LOOP).exists() for f in (folder, folder.with_name(DCP_DIR + ".old")))
+
+
+def _check_complete(folder: Path) -> None:
+    """Every shard file the checkpoint's metadata names is there: a folder missing a rank's shard
+    is refused (dcp.load would fail on it, or load what is there only), naming the file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from .errors import StateError
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001
+        raise StateError(str(folder), f"its metadata cannot be read ({type(exc).__name__})",
+                         "resume from a complete checkpoint (delete this folder to start fresh)") from None
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        ranks = [f.split("_")[2] if f.startswith("__") and f.count("_") >= 3 else "?" for f in missing]
+        raise StateError(str(folder), f"the checkpoint is incomplete: {', '.join(missing[:4])} (the shard of rank "
+                         f"{', '.join(ranks[:4])}) is missing", "restore the file, or delete the folder to start fresh")
 
 
 def _load_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> None:
@@ -662,10 +750,13 @@ def _load_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[st
     from .errors import StateError
 
     folder = Path(out) / DCP_DIR
+    if not (folder / _LOOP).exists() and (folder.with_name(DCP_DIR + ".old") / _LOOP).exists():
+        folder = folder.with_name(DCP_DIR + ".old")  # the save was killed between its two renames
     if not (folder / _LOOP).exists():
         raise StateError(f"--resume {out}", f"no sharded checkpoint ({DCP_DIR}) there",
                          "resume a --shard run from the --out folder of an earlier --shard --train run (a checkpoint "
                          "of a run without --shard resumes without --shard)")
+    _check_complete(folder)
     loop = torch.load(folder / _LOOP, map_location="cpu", weights_only=False)
     if (base is not None) != ("baseline" in loop):
         raise StateError(f"--resume {out}", "the checkpoint was written " + ("without" if base is not None else "with")

@@ -47,13 +47,23 @@ def summary_table(report: dict[str, Any]) -> Table:
                   f"{report['precision']} / {f'{len(blocks)} blocks' if blocks else 'off'}")
     d = report.get("distributed")
     if d:
-        how = "FSDP2 (sharded)" if d["mode"] == "fsdp2" else "DDP (replicated)"
+        how = {"fsdp2": "FSDP2 (sharded)", "ddp": "DDP (replicated)"}.get(
+            d["mode"], f"HSDP ({d.get('replicas')} replica groups, each sharded)")
         t.add_row("data parallel", f"{d['world_size']} ranks, {how}, each on 1/{d['world_size']} of every batch")
     t.add_row("parameters (total)", f"{p['total']:,}")
     t.add_row("trainable / frozen", f"{p['trainable']:,} / {p['frozen']:,}")
-    t.add_row("training state (params+grads+AdamW)",
-              f"{human_bytes(m['adapted_bytes'])} vs {human_bytes(m['full_rank_bytes'])} full-rank "
-              f"({m['ratio']:.2f}x)")
+    r = m.get("per_rank")
+    if r:  # sharded: what each rank holds (the unsharded totals would overstate it by the shard group's size)
+        lo, hi = min(r["adapted_bytes"]), max(r["adapted_bytes"])
+        held = human_bytes(lo) if lo == hi else f"{human_bytes(lo)}–{human_bytes(hi)}"
+        full = max(r["full_rank_bytes"]) if "full_rank_bytes" in r else m["full_rank_bytes"] / r["shard_group"]
+        t.add_row("training state per rank (params+grads+AdamW)",
+                  f"{held} vs {'' if 'full_rank_bytes' in r else '≈'}{human_bytes(full)} full-rank sharded alike "
+                  f"({hi / max(1, full):.2f}x)")
+    else:
+        t.add_row("training state (params+grads+AdamW)",
+                  f"{human_bytes(m['adapted_bytes'])} vs {human_bytes(m['full_rank_bytes'])} full-rank "
+                  f"({m['ratio']:.2f}x)")
     eq = report.get("equivalence")
     if eq:
         t.add_row("equivalence (eval, max rel. error)", f"{eq['max_rel_error']:.2e} {'ok' if eq['ok'] else 'FAILED'}")

@@ -11,6 +11,12 @@ again for its backward and reduce-scatter its gradients. Frozen ``W`` has no gra
 gathered but never reduced. Everything outside the blocks is sharded at the root.
 
 Switching then runs on each rank's shards (``runtime/switcher.py``, ``shards.py``).
+
+HSDP: on a 2-D mesh ``(replicate, shard)`` torch places every parameter ``(Replicate(), Shard(d))``,
+reduce-scatters gradients in the shard group and all-reduces them across replica groups. Frozen
+``W`` has no gradient, so it never crosses the replicate dim; switching's collectives run on the
+shard dim only (``shards.sum_across``), and replica groups, holding equal shards and drawing from
+equal generators, make the same switches with no traffic between them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -43,7 +49,11 @@ def is_fully_sharded(gm: DynLoRAModule) -> bool:
     return isinstance(gm, FSDPModule)
 
 
-def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_after_forward: bool = True,
+Reshard = bool | int  # torch's reshard_after_forward: True, False, or the size of a smaller group
+
+
+def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None,
+                reshard_after_forward: Reshard | Mapping[str, Reshard | None] = True,
                 mp_policy: MixedPrecisionPolicy | None = None,
                 offload_policy: OffloadPolicy | None = None) -> DynLoRAModule:
     """Shard a transformed module in place with torch's FSDP2 and return it.
@@ -51,13 +61,20 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_af
     Each repeated block of the model (with its adapters) becomes one FSDP unit, gathered only
     while the block runs; the rest is sharded at the root. Call it on every rank, after
     ``torch.distributed.init_process_group`` and before building the optimizer and ``dl.attach``.
-    ``mesh`` (default: all ranks) must be one-dimensional over the whole process group.
+    ``mesh`` (default: all ranks) is 1-D over the whole process group (FSDP2), or 2-D with dims
+    named ``(replicate, shard)`` (HSDP: sharded inside each replica group; only what has a gradient,
+    the adapters and non-adapted parameters, is all-reduced across groups, never frozen ``W``).
+    ``reshard_after_forward`` is torch's (``True``, ``False``, or an int: reshard to groups of that
+    many ranks, e.g. one node, so the backward all-gather stays inside them) for the block units;
+    ``{"blocks": ..., "root": ...}`` sets it per unit type (the root's default, None, is torch's:
+    kept gathered, as backward needs it first).
     ``mp_policy`` is FSDP2's ``MixedPrecisionPolicy``: keep parameters fp32 (switching then
     absorbs into fp32 shards exactly) and set ``param_dtype=torch.bfloat16`` for bf16 compute.
     """
     gm = _check_shardable(module)
     mesh = _check_mesh(gm, mesh)
-    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, mesh.size())}  # checks first
+    options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, _shard_size(mesh))}  # checks first
+    blocks_policy, root_policy = _reshard_policy(reshard_after_forward, _shard_size(mesh))
     blocks = _unit_blocks(gm)
     gm.__dict__[_TEMPLATE] = _meta_copy(gm)
     if mp_policy is not None:
@@ -66,12 +83,11 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None, reshard_af
         options["offload_policy"] = offload_policy
     for block, regions in blocks.items():
         tree = _adapter_tree(gm, block)
-        torch_fully_shard([gm.model.get_submodule(block), tree], reshard_after_forward=reshard_after_forward,
-                          **options)
+        torch_fully_shard([gm.model.get_submodule(block), tree], reshard_after_forward=blocks_policy, **options)
         register_fsdp_forward_method(tree, "run_block")
         for region in regions:
             region.__dict__["unit"] = tree
-    torch_fully_shard(gm, **options)
+    torch_fully_shard(gm, reshard_after_forward=root_policy, **options)
     gm.sharded = tuple(blocks)
     return gm
 
@@ -106,23 +122,61 @@ def _check_shardable(module: nn.Module) -> DynLoRAModule:
 
 
 def _check_mesh(gm: DynLoRAModule, mesh: DeviceMesh | None) -> DeviceMesh:
+    """The mesh to shard on: 1-D over the whole group (FSDP2), or 2-D ``(replicate, shard)``
+    over the whole group (HSDP), dims named so it is clear which is which."""
     first = next(gm.parameters())
     device_type = first.device.type
     world = dist.get_world_size()
     if mesh is None:
         return init_device_mesh(device_type, (world,))
+    supported = (f"init_device_mesh('{device_type}', ({world},)) for FSDP2, or init_device_mesh('{device_type}', "
+                 f"(replicas, {world} // replicas), mesh_dim_names=('replicate', 'shard')) for HSDP")
     if not isinstance(mesh, DeviceMesh):
         raise DynLoRAError("dl.fully_shard mesh", f"expected a DeviceMesh, got {type(mesh).__name__}",
-                           "pass mesh=torch.distributed.device_mesh.init_device_mesh(device_type, (world_size,))")
-    if mesh.ndim != 1 or mesh.size() != world:
-        raise DynLoRAError("dl.fully_shard mesh", f"the mesh has shape {tuple(mesh.shape)} but the process group "
-                           f"has {world} ranks: switching needs every rank of the group in one shard dimension",
-                           f"pass init_device_mesh('{device_type}', ({world},)), or leave mesh=None")
+                           f"pass mesh={supported}, or leave mesh=None")
+    if mesh.ndim > 2:
+        raise DynLoRAError("dl.fully_shard mesh", f"the mesh has {mesh.ndim} dims {tuple(mesh.shape)}: dl.fully_shard "
+                           "shards on one dim and replicates on at most one more (HSDP)", f"pass {supported}")
+    if mesh.size() != world:
+        raise DynLoRAError("dl.fully_shard mesh", f"the mesh has shape {tuple(mesh.shape)} ({mesh.size()} ranks) but "
+                           f"the process group has {world}: the mesh must cover the whole group, every rank in "
+                           "one shard group (and one replica group, for HSDP)", f"pass {supported}, or leave mesh=None")
+    if mesh.ndim == 2:
+        names = mesh.mesh_dim_names
+        if names is None or "replicate" not in names[0] or "shard" not in names[1]:
+            raise DynLoRAError("dl.fully_shard mesh", f"a 2-D mesh is placed as (replicate, shard), as torch's "
+                               f"fully_shard does, but its dims are named {names}",
+                               "name them so: mesh_dim_names=('replicate', 'shard') (or e.g. ('dp_replicate', "
+                               "'dp_shard')), the replicate dim first")
     if mesh.device_type != device_type:
         raise DynLoRAError("dl.fully_shard mesh", f"the mesh is on {mesh.device_type} but the module's parameters "
                            f"are on {device_type}", "move the module to the mesh's device first, or pass a mesh "
                            "of the parameters' device type")
     return mesh
+
+
+def _reshard_policy(value: Any, shard_size: int) -> tuple[Reshard, Reshard | None]:
+    """(blocks, root) ``reshard_after_forward`` from a single value (for the blocks) or a mapping."""
+    where = "dl.fully_shard reshard_after_forward"
+    per_type = dict(value) if isinstance(value, Mapping) else {"blocks": value}
+    unknown = sorted(set(per_type) - {"blocks", "root"})
+    if unknown:
+        raise DynLoRAError(where, f"unknown unit type(s) {unknown}",
+                           "pass True, False, an int, or a dict with keys 'blocks' and/or 'root'")
+    policy = {"blocks": per_type.get("blocks", True), "root": per_type.get("root")}
+    for kind, v in policy.items():
+        if v is None or isinstance(v, bool):  # None: torch's default (True for blocks, gathered root)
+            continue
+        if not isinstance(v, int) or v <= 1 or v >= shard_size or shard_size % v:
+            raise DynLoRAError(f"{where} ({kind})", f"{v!r} is not True, False or a group size that divides the "
+                               f"{shard_size} ranks of a shard group (other than 1 and {shard_size})",
+                               "pass True (reshard fully), False (keep gathered), or e.g. the ranks per node")
+    return policy["blocks"], policy["root"]
+
+
+def _shard_size(mesh: DeviceMesh) -> int:
+    """Ranks a parameter is split over: the whole 1-D mesh, or the shard dim of an HSDP mesh."""
+    return mesh.size(mesh.ndim - 1)
 
 
 def _unit_blocks(gm: DynLoRAModule) -> dict[str, list[Any]]:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,19 @@ def batches():
 def loss_fn(out, batch):
     return F.cross_entropy(out, batch[1])
 
+def killing(stream):
+    """The batches, but rank KILL_RANK dies by SIGKILL when asked for batch KILL_AT, on torchrun's
+    first attempt only (a deterministic lost rank)."""
+    import os, signal
+    at, rank = int(os.environ.get("KILL_AT", "-1")), os.environ.get("KILL_RANK", "1")
+    for i, b in enumerate(stream):
+        if i == at and os.environ.get("RANK") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield b
+
+if __import__("os").environ.get("KILL_AT"):
+    batches = (lambda plain: lambda: killing(plain()))(batches)
+
 def val_batches():
     g = torch.Generator().manual_seed(2)
     return [(x, (x[:, :4] > 0).long().argmax(1)) for x in (torch.randn(8, 16, generator=g) for _ in range(2))]
@@ -65,11 +79,11 @@ def single(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
-def torchrun(*argv, nproc=2):
+def torchrun(*argv, nproc=2, restarts=0, env=None):
     """``torchrun --standalone --nproc-per-node 2 -m dynlora_fx.cli ...`` from the repository."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dynlora_fx.cli", *map(str, argv)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+           f"--max-restarts={restarts}", "-m", "dynlora_fx.cli", *map(str, argv)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
 
 
@@ -146,3 +160,40 @@ def test_bad_input_is_one_line_and_no_rank_hangs(tmp_path):
     lines = [ln for ln in text.splitlines() if "dynlora-transform: error" in ln]
     assert len(lines) == 1 and "7 rows" in lines[0] and "2 ranks" in lines[0] and "Remedy" in lines[0], text
     assert "[rank0]" not in text and "[rank1]" not in text  # no worker traceback (torchrun adds its own summary)
+
+
+def test_hsdp_run_survives_a_lost_rank(model_file, reference, tmp_path):
+    """2 replica groups x 2 shards under torchrun --max-restarts 1: rank 1 is SIGKILLed after step 7
+    (checkpoints every 3 steps); torchrun restarts the group, which resumes from step 6 and ends with
+    the losses, switches and weights of the uninterrupted single-process run."""
+    out = tmp_path / "out"
+    proc = torchrun(model_file, *ARGS, "--shard", "--replicate", "2", "--save-every", "3", "--out", out, "--resume",
+                    "--json", tmp_path / "r.json", nproc=4, restarts=1, env={"KILL_AT": "7"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("starting fresh") == 1 and proc.stderr.count("resuming from step 6") == 1, proc.stderr
+    assert "×4 FSDP2 HSDP 2x2" in proc.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["distributed"] == {"world_size": 4, "mode": "hsdp", "replicas": 2}
+    want, weights, _ = reference
+    tr, ref = got["training"], want["training"]
+    assert len(tr["losses"]) == 10 and tr["switched"] == ref["switched"]
+    assert max(abs(a - b) for a, b in zip(tr["losses"], ref["losses"])) < 1e-5
+    trained = load_file(out / "weights.safetensors")
+    for k, v in weights.items():
+        assert torch.allclose(trained[k].float(), v.float(), atol=1e-5), k
+    # the summary gives what each rank holds: 4 ranks in 2 groups of 2, each about half the model's state
+    per_rank = got["memory"]["per_rank"]
+    assert len(per_rank["adapted_bytes"]) == 4 and per_rank["shard_group"] == 2
+    assert max(per_rank["adapted_bytes"]) < 0.7 * got["memory"]["adapted_bytes"]
+    assert "training state per rank" in proc.stdout
+    # a checkpoint folder missing a rank's shard is refused, naming it
+    (out / "checkpoint.dcp" / "__1_0.distcp").unlink()
+    code, _, err = single(model_file, *train_args(12), "--shard", "--out", out, "--resume")
+    assert code == 1 and "__1_0.distcp" in err and "rank 1" in err and "incomplete" in err, err
+
+
+def test_replicate_needs_shard_and_a_divisible_world(model_file):
+    code, _, err = single(model_file, *ARGS, "--replicate", "2")
+    assert code == 1 and "needs --shard" in err and "Remedy" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = single(model_file, *ARGS, "--shard", "--replicate", "2")  # a 1-rank group: no 2 groups
+    assert code == 1 and "1 ranks do not split into 2" in err, err

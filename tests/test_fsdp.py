@@ -182,6 +182,93 @@ def _job_dcp(path, save_at, resume):
     return {"losses": losses, "state": state}
 
 
+class _ReplicaBytes:
+    """Bytes torch.distributed.all_reduce moves on ``group`` (FSDP2's HSDP all-reduce calls it as
+    ``dist.all_reduce``): the real collectives run, only their buffer sizes are added up."""
+
+    def __init__(self, group):
+        self.group, self.bytes, self.calls, self._orig = group, 0, 0, dist.all_reduce
+
+    def __enter__(self):
+        def counted(tensor, *args, group=None, **kwargs):
+            if group is self.group:
+                self.bytes += tensor.numel() * tensor.element_size()
+                self.calls += 1
+            return self._orig(tensor, *args, group=group, **kwargs)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _hsdp_mesh(replicas):
+    world = dist.get_world_size()
+    if replicas == 1:
+        return init_device_mesh("cpu", (world,))
+    return init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def _job_hsdp(path):
+    """2 replica groups x 2 shards: the run, its merge and DCP (same layout; 2x2 resumed as 1x4 and
+    back), the bytes across replica groups against full-rank HSDP's, and a mesh that misses ranks."""
+    mesh = _hsdp_mesh(2)
+    out = {}
+    try:
+        dl.fully_shard(_net(SWITCHING), mesh=mesh["shard"])
+    except DynLoRAError as exc:
+        out["partial mesh"] = str(exc)
+    half, ckpt = STEPS // 2, os.path.join(path, "hsdp")
+    gm = dl.fully_shard(_net(SWITCHING, checkpoint=True), mesh=mesh)
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    dl.attach(gm, opt, STEPS)
+    losses, _ = _train(gm, half, opt=opt)
+    dcp.save({"model": gm.state_dict(), "optim": opt.state_dict()}, checkpoint_id=ckpt)
+    losses += _train(gm, STEPS - half, start=half, opt=opt)[0]
+    w, a = gm.model.layers[0].proj.weight, gm.adapter("layers.0.proj.weight").A
+    out.update(losses=losses, switched=opt._dynlora_switcher.num_switched(), outputs=_outputs(gm),
+               state=_full_state(gm), sharded=gm.sharded,
+               w=(w.placements, w.requires_grad, w.grad is None, tuple(w.to_local().shape)), a=a.placements)
+    # bytes at rank 4, which splits evenly over a shard group (rank 3's A is padded to 4 slots by FSDP2)
+    even = dl.fully_shard(_net(dl.SwitchLoRA(rank=4, interval=4, freeze_steps=2)), mesh=mesh)
+    with _ReplicaBytes(mesh.get_group("replicate")) as sl_bytes:
+        _train(even, 1)
+    out.update(sl_bytes=sl_bytes.bytes, sl_trainable=sum(p.numel() for p in even.parameters() if p.requires_grad))
+    # full-rank HSDP on the same mesh: torch's fully_shard per block, then the root
+    torch.manual_seed(0)
+    net = Net()
+    for layer in net.layers:
+        torch.distributed.fsdp.fully_shard(layer, mesh=mesh)
+    torch.distributed.fsdp.fully_shard(net, mesh=mesh)
+    full_opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with _ReplicaBytes(mesh.get_group("replicate")) as full_bytes:
+        _train(net, 1, opt=full_opt)
+    out.update(full_bytes=full_bytes.bytes, full_trainable=sum(p.numel() for p in net.parameters()))
+    # resume: on the same 2x2 layout (bit-identical), as 1x4, and a 1x4 checkpoint back on 2x2
+    out["resumed"] = _resume(ckpt, 2, half)
+    out["as_1x4"] = _resume(ckpt, 1, half, save_to=os.path.join(path, "flat"))
+    out["back_to_2x2"] = _resume(os.path.join(path, "flat"), 2, half)
+    return out
+
+
+def _full_state(gm):
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in gm.state_dict().items()}
+
+
+def _resume(ckpt, replicas, start, save_to=None):
+    gm = dl.fully_shard(_net(SWITCHING, checkpoint=True), mesh=_hsdp_mesh(replicas))
+    opt = dl.AdamW(gm.parameters(), lr=1e-2)
+    dl.attach(gm, opt, STEPS)
+    state = {"model": gm.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    gm.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    if save_to:  # the loaded state, saved again in this layout
+        dcp.save({"model": gm.state_dict(), "optim": opt.state_dict()}, checkpoint_id=save_to)
+    losses, _ = _train(gm, STEPS - start, start=start, opt=opt)
+    return {"losses": losses, "state": _full_state(gm)}
+
+
 def _job_mixed_precision():
     """bf16 compute, fp32 reduce: at lr 0 the switches alone must leave the function unchanged
     (the fp32 shards absorb them exactly); at a real lr, losses stay near the fp32 run's."""
@@ -268,6 +355,39 @@ def test_sharded_runs_follow_the_single_process_run(tmp_path, world, methods):
         assert "choose a rank that is a multiple of 2" in got[0]["uneven experts"]
 
 
+def test_hsdp_2x2_follows_single_process_keeps_w_off_the_replica_link_and_resumes(tmp_path):
+    got = _spawn("_job_hsdp", 4, tmp_path, str(tmp_path))
+    gm = _net(SWITCHING, checkpoint=True)
+    want, opt = _train(gm, STEPS)
+    outputs, state = _outputs(gm), _full_state(gm)
+    for rank, r in enumerate(got):
+        assert "must cover the whole group" in r["partial mesh"] and "Remedy" in r["partial mesh"]
+        assert r["sharded"] == ("layers.0", "layers.1", "layers.2")
+        torch.testing.assert_close(r["losses"], want, rtol=1e-4, atol=1e-6, msg=f"rank {rank}")
+        assert r["switched"] == opt._dynlora_switcher.num_switched() and r["switched"][0] > 0
+        for key in ("eval", "merged", "unloaded"):
+            torch.testing.assert_close(r["outputs"][key], outputs[key], rtol=1e-5, atol=1e-6)
+        for k, v in state.items():
+            torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        # W: (Replicate, Shard(0)), rows split over the 2 ranks of a shard group, no gradient
+        placements, trains, no_grad, shape = r["w"]
+        assert [type(p).__name__ for p in placements] == ["Replicate", "Shard"] and placements[1].dim == 0
+        assert not trains and no_grad and shape == (8, 32)
+        assert [type(p).__name__ for p in r["a"]] == ["Replicate", "Shard"]
+        # across replica groups only what trains: the all-reduce shrinks with the trainable parameters
+        ratio, bound = r["sl_bytes"] / r["full_bytes"], r["sl_trainable"] / r["full_trainable"] * 1.05
+        assert 0 < ratio <= bound, (ratio, bound)
+        resumed = r["resumed"]  # the same layout: bit-identical
+        assert resumed["losses"] == r["losses"][STEPS // 2:]
+        for k, v in r["state"].items():
+            assert torch.equal(resumed["state"][k], v), k
+        for other in ("as_1x4", "back_to_2x2"):  # another layout: the same run, to rounding
+            torch.testing.assert_close(r[other]["losses"], r["losses"][STEPS // 2:], rtol=1e-5, atol=1e-6)
+    print(f"cross-replica all-reduce SwitchLoRA/full-rank HSDP {got[0]['sl_bytes']}/{got[0]['full_bytes']} B "
+          f"= {got[0]['sl_bytes'] / got[0]['full_bytes']:.3f}; trainable {got[0]['sl_trainable']}/"
+          f"{got[0]['full_trainable']} = {got[0]['sl_trainable'] / got[0]['full_trainable']:.3f}")
+
+
 def test_dcp_resume_is_bit_identical_and_reshards(tmp_path):
     path = str(tmp_path / "ckpt")
     (whole,) = _spawn("_job_dcp", 2, tmp_path, path, STEPS // 2, False)[:1]
@@ -312,8 +432,28 @@ def test_bad_input_gets_a_dynlora_error():
             dl.fully_shard(Net())
         with pytest.raises(DynLoRAError, match="wrapped"):
             dl.fully_shard(dl.compile(_net(SWITCHING)))
-        with pytest.raises(DynLoRAError, match="mesh has shape"):
+        with pytest.raises(DynLoRAError, match=r"placed as \(replicate, shard\).*named \('a', 'b'\).*Remedy"):
             dl.fully_shard(_net(SWITCHING), mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b")))
+        with pytest.raises(DynLoRAError, match="named \\('shard', 'replicate'\\).*the replicate dim first"):
+            dl.fully_shard(_net(SWITCHING), mesh=init_device_mesh("cpu", (1, 1),
+                                                                  mesh_dim_names=("shard", "replicate")))
+        with pytest.raises(DynLoRAError, match="3 dims.*HSDP.*Remedy"):
+            dl.fully_shard(_net(SWITCHING), mesh=init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("a", "b", "c")))
+        with pytest.raises(DynLoRAError, match="reshard_after_forward.*divides"):
+            dl.fully_shard(_net(SWITCHING), reshard_after_forward=3)
+        with pytest.raises(DynLoRAError, match="unknown unit type"):
+            dl.fully_shard(_net(SWITCHING), reshard_after_forward={"layers": False})
+        # a 1x1 HSDP mesh (one replica group of one rank) is valid: dims named as torch places them; its
+        # dl.compile'd module (checkpointed regions) follows the eager single-process run, switching without recompiles
+        hsdp = dl.fully_shard(_net(SWITCHING, checkpoint=True), mesh=init_device_mesh(
+            "cpu", (1, 1), mesh_dim_names=("replicate", "shard")), reshard_after_forward={"blocks": False, "root": True})
+        opt = dl.AdamW(hsdp.parameters(), lr=1e-2)
+        dl.attach(hsdp, opt, STEPS)
+        torch._dynamo.reset()  # graphs other tests compiled in this process would count as recompiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            losses, _ = _train(dl.compile(hsdp), 4, opt=opt)
+        torch.testing.assert_close(losses, _train(_net(SWITCHING, checkpoint=True), 4)[0], rtol=1e-5, atol=1e-6)
+        assert opt._dynlora_switcher.num_switched()[0] > 0
         attached = _net(SWITCHING)
         dl.attach(attached, dl.AdamW(attached.parameters()), 10)
         with pytest.raises(DynLoRAError, match="call dl.fully_shard first"):
