@@ -43,14 +43,13 @@ from . import __version__
 from .api import transform
 from .compile import compile as dl_compile
 from .distributed import fully_shard as dl_fully_shard
-from .config import AdapterConfig, LoRA, ReLoRA, SwitchLoRA
+from .config import METHODS, AdapterConfig, LoRA, ReLoRA, SwitchLoRA
 from .errors import DynLoRAError
 from .module import DynLoRAModule, adapters
 from .training import PRECISIONS, cast_inputs, cast_model
 
 __all__ = ["main", "run", "build_parser", "load_model_file"]
 
-_METHODS = {"switchlora": SwitchLoRA, "lora": LoRA, "relora": ReLoRA}
 
 
 def _rank(text: str) -> int | float:
@@ -72,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_file", metavar="MODEL.py", help="defines build_model() and example_inputs()")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=sorted(_METHODS), default="switchlora")
+    m.add_argument("--method", choices=sorted(METHODS), default="switchlora")
     m.add_argument("--rank", type=_rank, default=0.25, help="int, or a fraction of min(m, n) (default 0.25)")
     m.add_argument("--targets", nargs="+", default=(), metavar="PATTERN",
                    help="weights to adapt: exact name, .suffix or re:regex (default: all)")

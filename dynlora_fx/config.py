@@ -144,16 +144,17 @@ class ReLoRA(AdapterConfig):
             _fail(name, "prune_ratio", self.prune_ratio, "prune_ratio must lie in [0, 1]", "use prune_ratio=0.999")
 
 
-_METHODS = {c.method: c for c in (SwitchLoRA, LoRA, ReLoRA)}
+# every method, by the name its config, the CLI (--method) and saved JSON use: defined here only
+METHODS: dict[str, type[AdapterConfig]] = {c.method: c for c in (SwitchLoRA, LoRA, ReLoRA)}
 
 
 def config_from_json(text_or_dict: str | dict[str, Any]) -> AdapterConfig:
     """Inverse of ``config.to_json()``."""
     d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else dict(text_or_dict)
     method = d.pop("method", None)
-    if method not in _METHODS:
-        raise ConfigError(f"config method={method!r}", "unknown method", f"use one of {sorted(_METHODS)}")
-    cls = _METHODS[method]
+    if method not in METHODS:
+        raise ConfigError(f"config method={method!r}", "unknown method", f"use one of {sorted(METHODS)}")
+    cls = METHODS[method]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
