@@ -8,8 +8,8 @@ and exit code 1 (a traceback only with ``--debug``), a usage error exit code 2.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1; also ``python -m dynlora_fx.cli``) the run is data
 parallel: the process group comes from torchrun's environment (gloo; nccl as well for CUDA
-tensors), the transformed module is wrapped in DDP, or sharded with ``dl.fully_shard``
-(FSDP2) under ``--shard``, and each rank trains on its own slice of every global batch
+tensors), the transformed module is wrapped in DDP, or sharded with FSDP2 under ``--shard``
+(``dl.parallelize``), and each rank trains on its own slice of every global batch
 ``batches()`` yields. Only rank 0 prints and writes files; the numbers are the global
 batch's, as a single process would report them. ``--shard`` without torchrun is a 1-rank
 FSDP2 run in a local gloo group; ``--shard --replicate N`` is HSDP (N replica groups of WORLD_SIZE/N
@@ -38,11 +38,10 @@ import torch.nn as nn
 
 from . import __version__
 from .api import transform
-from .compile import compile as dl_compile
-from .distributed import fully_shard as dl_fully_shard
 from .config import METHODS, AdapterConfig, LoRA, ReLoRA, SwitchLoRA
 from .errors import DynLoRAError
 from .module import DynLoRAModule, adapters
+from .parallel import data_parallel_mesh, parallelize
 from .process_group import Membership, launcher_rank
 from .training import PRECISIONS, cast_inputs, cast_model
 
@@ -384,30 +383,6 @@ def _write_json(path: str | None, report: dict[str, Any]) -> None:
                                "pass a path in a writable folder") from None
 
 
-def _parallel(module: nn.Module, args: argparse.Namespace, ctx: Membership, mesh: Any, adapted: bool) -> nn.Module:
-    """What the training loop calls: ``module`` as it is (one process), compiled on request; under
-    torchrun wrapped in DDP, or sharded in place with FSDP2 (``--shard``: ``dl.fully_shard`` for the
-    transformed module, torch's ``fully_shard`` per repeated block and at the root for the baseline)."""
-    sharded = ctx.on and args.shard
-    if sharded and adapted:
-        dl_fully_shard(module, mesh=mesh)
-    elif sharded:
-        from torch.distributed.fsdp import fully_shard as torch_fully_shard
-
-        from .passes import repeated_blocks
-
-        for name in repeated_blocks(module):
-            torch_fully_shard(module.get_submodule(name), mesh=mesh)
-        torch_fully_shard(module, mesh=mesh)
-    if args.compile:  # sharded: FSDP2's hooks stay outside the compiled graphs (one per block and the root)
-        module = dl_compile(module) if adapted else torch.compile(module)
-    if ctx.on and not sharded:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(module)
-    return module
-
-
 def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: DynLoRAModule,
            report: dict[str, Any], err: Any, ctx: Membership | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -428,21 +403,17 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
                              warmup=min(args.warmup, max(1, args.train // 10)), precision=args.precision)
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
-    mesh = None
-    if sharded:
-        from torch.distributed.device_mesh import init_device_mesh
+    mesh = data_parallel_mesh(args.replicate) if sharded else None  # the CLI trains on the CPU
 
-        # the CLI trains on the CPU; HSDP: replica groups of consecutive ranks (a node each, under torchrun)
-        mesh = init_device_mesh("cpu", (ctx.world,)) if args.replicate == 1 else init_device_mesh(
-            "cpu", (args.replicate, ctx.world // args.replicate), mesh_dim_names=("replicate", "shard"))
+    def parallel(module: nn.Module) -> nn.Module:  # under torchrun: DDP, or FSDP2 with --shard
+        return parallelize(module, shard=sharded, compile=args.compile, mesh=mesh)
+
     gm.train()
-    parallel = dict(rank=ctx.rank, world=ctx.world)
-    runs = {"adapted": Trainer(_parallel(gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
-                               inputs_of, **parallel)}
+    ranks = dict(rank=ctx.rank, world=ctx.world)
+    runs = {"adapted": Trainer(parallel(gm), gm.dynlora_config, settings, user.loss_fn, inputs_of, **ranks)}
     base = copy.deepcopy(model).train() if args.baseline else None
     if base is not None:
-        runs["baseline"] = Trainer(_parallel(base, args, ctx, mesh, False), None, settings, user.loss_fn,
-                                   inputs_of, **parallel)
+        runs["baseline"] = Trainer(parallel(base), None, settings, user.loss_fn, inputs_of, **ranks)
     start = 0
     if args.resume and not has_training_checkpoint(args.out):  # a first attempt under torchrun --max-restarts
         err.print(f"[dim]no checkpoint in {args.out} yet: starting fresh[/]")
