@@ -3,7 +3,8 @@
 One command spawns, for each world size (default 2 and 4), that many gloo ranks on this machine
 (``torch.multiprocessing.spawn``, one process per rank, ``torch.set_num_threads(1)`` in each: 4
 ranks on a 2-core machine are oversubscribed and their step times say so). Every rank builds the
-same tiny LLaMA (``examples/tiny_llama.py``, same seed everywhere) and trains, side by side:
+same tiny LLaMA (``examples/tiny_llama.py``, same seed everywhere) and trains, side by side, each
+wrapped by ``dl.parallelize`` (``shard=True`` for FSDP2):
 
 - ``full-rank-fsdp2``   torch's ``fully_shard`` on every decoder block, then on the root;
                         ``torch.optim.AdamW``
@@ -105,6 +106,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import dynlora_fx as dl  # noqa: E402
+from dynlora_fx.parallel import data_parallel_mesh  # noqa: E402
 from dynlora_fx.shards import local  # noqa: E402
 
 from _common import code_version, human_bytes, log, machine_info, markdown_table, median, rich_table, write_json  # noqa: E402
@@ -345,8 +347,19 @@ class Setup:
         self.calls = {k: 0 for k in KINDS}
         self.bytes = {k: 0 for k in KINDS}
         self.hook_bytes = self.hook_calls = 0
+        self.links = {"cross": 0.0, "inside": 0.0}  # ring bytes sent per link (--policies)
         self.state: dict[str, int] = {}
         self.switcher: Any = None
+
+    def add_counts(self, counter: CommCounter) -> None:
+        """Add what ``counter`` counted during this setup's turn."""
+        for kind in KINDS:
+            self.calls[kind] += counter.calls[kind]
+            self.bytes[kind] += counter.bytes[kind]
+        self.hook_bytes += counter.hook_bytes
+        self.hook_calls += counter.hook_calls
+        for link, n in counter.links.items():
+            self.links[link] += n
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -355,36 +368,25 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
 
 def build_setup(name: str, args: argparse.Namespace, world: int, example: torch.Tensor,
                 counter: CommCounter) -> Setup:
-    from torch.distributed.fsdp import fully_shard
+    """``name``'s model, wrapped by ``dl.parallelize`` (FSDP2 on every decoder block and the root, the root
+    kept gathered; or DDP with the counting comm hook), with its optimizer and, for SwitchLoRA, switcher."""
     model = build_model(model_config(args))  # seeded: the same on every rank
     raf = args.reshard_after_forward
+    inner = model
     if name.startswith("switchlora"):
-        cfg = dl.SwitchLoRA(rank=args.rank, tokens_per_step=example.numel())
-        gm = dl.transform(model, (example,), cfg, checkpoint=False)
-        if name == "switchlora-fsdp2":
-            if not hasattr(dl, "fully_shard"):
-                raise RuntimeError("dl.fully_shard is not in this version of dynlora_fx")
-            dl.fully_shard(gm, reshard_after_forward=raf)
-            opt = dl.AdamW(gm.parameters(), lr=args.lr)
-            s = Setup(name, gm, opt, gm, lambda: predict_fsdp(gm, world, raf))
-            s.switcher = dl.attach(gm, opt, args.total_steps)
-            return s
-        ddp = nn.parallel.DistributedDataParallel(gm)
-        ddp.register_comm_hook(None, counter.ddp_hook)
-        opt = dl.AdamW(ddp.parameters(), lr=args.lr)
-        s = Setup(name, ddp, opt, gm, lambda: predict_ddp(gm))
-        s.switcher = dl.attach(ddp, opt, args.total_steps)
-        return s
-    if name == "full-rank-fsdp2":
-        for block in model.blocks:
-            fully_shard(block, reshard_after_forward=raf)
-        fully_shard(model)  # the default (None) keeps the root gathered from forward to backward, as dl.fully_shard
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        return Setup(name, model, opt, model, lambda: predict_fsdp(model, world, raf))
-    ddp = nn.parallel.DistributedDataParallel(model)
-    ddp.register_comm_hook(None, counter.ddp_hook)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
-    return Setup(name, ddp, opt, model, lambda: predict_ddp(model))
+        inner = dl.transform(model, (example,), dl.SwitchLoRA(rank=args.rank, tokens_per_step=example.numel()),
+                             checkpoint=False)
+    sharded = name.endswith("fsdp2")
+    wrapped = dl.parallelize(inner, shard=sharded, reshard_after_forward=raf)
+    if not sharded:
+        wrapped.register_comm_hook(None, counter.ddp_hook)
+    adamw = dl.AdamW if name.startswith("switchlora") else torch.optim.AdamW
+    opt = adamw(wrapped.parameters(), lr=args.lr)
+    prediction = (lambda: predict_fsdp(inner, world, raf)) if sharded else (lambda: predict_ddp(inner))
+    s = Setup(name, wrapped, opt, inner, prediction)
+    if name.startswith("switchlora"):
+        s.switcher = dl.attach(wrapped, opt, args.total_steps)
+    return s
 
 
 def train_step(s: Setup, batch: tuple[torch.Tensor, torch.Tensor], before_zero: Callable | None = None) -> float:
@@ -412,6 +414,29 @@ def make_batches(args: argparse.Namespace, rank: int, world: int) -> list[tuple[
         data = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)[rank * per:(rank + 1) * per]
         out.append((data[:, :-1].contiguous(), data[:, 1:].contiguous()))
     return out
+
+
+def run_rounds(setups: list[Setup], batches: list[tuple[torch.Tensor, torch.Tensor]], args: argparse.Namespace,
+               counter: CommCounter, label: str) -> int:
+    """The timed steps, after ``args.warmup`` untimed ones: ``args.rounds`` rounds over ``setups``, each
+    round starting one setup later, a barrier before each setup's turn of ``args.steps_per_round`` steps;
+    each setup's step times and what ``counter`` counted in its turns added to it. Returns the number of
+    steps taken (the index of the next batch)."""
+    step = args.warmup
+    for r in range(args.rounds):
+        k = r % max(1, len(setups))
+        for s in setups[k:] + setups[:k]:
+            dist.barrier()
+            counter.reset()
+            counter.active = True
+            for _ in range(args.steps_per_round):
+                s.times.append(train_step(s, batches[step % len(batches)]))
+                step += 1
+            counter.active = False
+            s.add_counts(counter)
+        if dist.get_rank() == 0:
+            log(f"{label} round {r + 1}/{args.rounds} done")
+    return step
 
 
 def _free_port() -> int:
@@ -460,24 +485,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: 
             setups.append(s)
             if rank == 0:
                 log(f"[world {world}] {name}: built and warmed up in {s.build_s:.1f} s")
-        step = args.warmup
-        for r in range(args.rounds):
-            k = r % max(1, len(setups))
-            for s in setups[k:] + setups[:k]:
-                dist.barrier()
-                counter.reset()
-                counter.active = True
-                for _ in range(args.steps_per_round):
-                    s.times.append(train_step(s, batches[step % len(batches)]))
-                    step += 1
-                counter.active = False
-                for kind in KINDS:
-                    s.calls[kind] += counter.calls[kind]
-                    s.bytes[kind] += counter.bytes[kind]
-                s.hook_bytes += counter.hook_bytes
-                s.hook_calls += counter.hook_calls
-            if rank == 0:
-                log(f"[world {world}] round {r + 1}/{args.rounds} done")
+        step = run_rounds(setups, batches, args, counter, f"[world {world}]")
         for s in setups:
             dist.barrier()
             audit = DispatchAudit(world)
@@ -530,20 +538,15 @@ def policy_cases(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
 
 
 def build_policy_case(case: dict[str, Any], args: argparse.Namespace, example: torch.Tensor) -> Setup:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,)) if case["replicas"] == 1 else init_device_mesh(
-        "cpu", (case["replicas"], case["shard"]), mesh_dim_names=("replicate", "shard"))
+    """The case's model sharded by ``dl.parallelize`` over its FSDP2 or HSDP mesh (the root stays gathered)."""
+    mesh = data_parallel_mesh(case["replicas"])
     model = build_model(model_config(args))
     if case["model"] == "full-rank":
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=case["policy"])
-        fully_shard(model, mesh=mesh)  # the root stays gathered (torch's default), as dl.fully_shard's
+        dl.parallelize(model, shard=True, mesh=mesh, reshard_after_forward=case["policy"])
         return Setup(case["name"], model, torch.optim.AdamW(model.parameters(), lr=args.lr), model, dict)
     rank = int(case["model"].rsplit("r", 1)[1])
     gm = dl.transform(model, (example,), dl.SwitchLoRA(rank=rank, tokens_per_step=example.numel()), checkpoint=False)
-    dl.fully_shard(gm, mesh=mesh, reshard_after_forward=case["policy"])
+    dl.parallelize(gm, shard=True, mesh=mesh, reshard_after_forward=case["policy"])
     opt = dl.AdamW(gm.parameters(), lr=args.lr)
     s = Setup(case["name"], gm, opt, gm, dict)
     s.switcher = dl.attach(gm, opt, args.total_steps)
@@ -599,22 +602,7 @@ def policy_worker(rank: int, world: int, port: int, args: argparse.Namespace, ou
             setups.append((case, s))
             if rank == 0:
                 log(f"[policies] built {case['name']}")
-        step = args.warmup
-        links = {s.name: {"cross": 0.0, "inside": 0.0} for _, s in setups}
-        for r in range(args.rounds):
-            k = r % len(setups)
-            for case, s in setups[k:] + setups[:k]:
-                dist.barrier()
-                counter.reset()
-                counter.active = True
-                for _ in range(args.steps_per_round):
-                    s.times.append(train_step(s, batches[step % len(batches)]))
-                    step += 1
-                counter.active = False
-                for link, n in counter.links.items():
-                    links[s.name][link] += n
-            if rank == 0:
-                log(f"[policies] round {r + 1}/{args.rounds} done")
+        step = run_rounds([s for _, s in setups], batches, args, counter, "[policies]")
         for case, s in setups:
             dist.barrier()
             rise = peak_step_bytes(s, batches[step % len(batches)])
@@ -622,8 +610,8 @@ def policy_worker(rank: int, world: int, port: int, args: argparse.Namespace, ou
             result["cases"][s.name] = {
                 **case, "step_ms": 1e3 * median(s.times), "timed_steps": n, "state": s.state,
                 "peak_bytes": s.state["between_steps"] + rise, "peak_rise_bytes": rise,
-                "cross_bytes_per_step": links[s.name]["cross"] / n,
-                "inside_bytes_per_step": links[s.name]["inside"] / n,
+                "cross_bytes_per_step": s.links["cross"] / n,
+                "inside_bytes_per_step": s.links["inside"] / n,
                 "trainable_params": sum(p.numel() for p in s.inner.parameters() if p.requires_grad)}
         dist.barrier()
     finally:

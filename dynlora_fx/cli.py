@@ -8,8 +8,8 @@ and exit code 1 (a traceback only with ``--debug``), a usage error exit code 2.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1; also ``python -m dynlora_fx.cli``) the run is data
 parallel: the process group comes from torchrun's environment (gloo; nccl as well for CUDA
-tensors), the transformed module is wrapped in DDP, or sharded with ``dl.fully_shard``
-(FSDP2) under ``--shard``, and each rank trains on its own slice of every global batch
+tensors), the transformed module is wrapped in DDP, or sharded with FSDP2 under ``--shard``
+(``dl.parallelize``), and each rank trains on its own slice of every global batch
 ``batches()`` yields. Only rank 0 prints and writes files; the numbers are the global
 batch's, as a single process would report them. ``--shard`` without torchrun is a 1-rank
 FSDP2 run in a local gloo group; ``--shard --replicate N`` is HSDP (N replica groups of WORLD_SIZE/N
@@ -26,12 +26,9 @@ import importlib.util
 import io
 import json
 import os
-import shutil
-import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -41,11 +38,11 @@ import torch.nn as nn
 
 from . import __version__
 from .api import transform
-from .compile import compile as dl_compile
-from .distributed import fully_shard as dl_fully_shard
 from .config import METHODS, AdapterConfig, LoRA, ReLoRA, SwitchLoRA
 from .errors import DynLoRAError
 from .module import DynLoRAModule, adapters
+from .parallel import data_parallel_mesh, parallelize
+from .process_group import Membership, launcher_rank
 from .training import PRECISIONS, cast_inputs, cast_model
 
 __all__ = ["main", "run", "build_parser", "load_model_file"]
@@ -194,16 +191,9 @@ def build_report(model: nn.Module, gm: DynLoRAModule) -> dict[str, Any]:
     }
 
 
-def _env_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    if _env_rank() == 0:
+    if launcher_rank() == 0:
         args = parser.parse_args(argv)
     else:  # usage errors, --help and --version: printed once, by rank 0
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
@@ -211,136 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
-@dataclass
-class Dist:
-    """This process's place in a data-parallel CLI run (rank 0 of 1 outside one)."""
-
-    rank: int = 0
-    world: int = 1
-    owned: bool = False  # the CLI initialised the process group (and destroys it)
-    run_id: int = 0  # runs in one process group (a caller's own) keep their keys in the store apart
-
-    @property
-    def on(self) -> bool:
-        return self.owned or self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def start(cls, shard: bool) -> "Dist":
-        """Join torchrun's process group (WORLD_SIZE > 1), or a 1-rank local one for ``--shard``."""
-        import torch.distributed as dist
-
-        global _RUNS
-        _RUNS += 1
-        if dist.is_available() and dist.is_initialized():  # a caller's own group: use it, leave it alone
-            return cls(dist.get_rank(), dist.get_world_size(), False, _RUNS)
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        except ValueError:
-            raise DynLoRAError("WORLD_SIZE", f"{os.environ['WORLD_SIZE']!r} is not a number",
-                               "launch with torchrun --nproc-per-node N, which sets it") from None
-        if world <= 1 and not shard:
-            return cls()
-        if not dist.is_available():
-            raise DynLoRAError("torch.distributed", "this torch build has no distributed support",
-                               "install a torch build with torch.distributed, or run without torchrun/--shard")
-        options: dict[str, Any] = {}
-        if world <= 1:  # --shard alone: FSDP2 over a 1-rank group on this machine
-            options = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
-        else:
-            for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
-                if var not in os.environ:
-                    raise DynLoRAError(f"WORLD_SIZE={world}", f"{var} is not set",
-                                       "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ..., "
-                                       "which sets RANK, MASTER_ADDR and MASTER_PORT")
-        # the CLI trains on the CPU (gloo); CUDA tensors, where there are any, go through nccl
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        try:
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-            if world > 1 and attempt is not None:
-                # torchrun (--max-restarts) keeps one store across attempts: a restarted group would
-                # read the dead attempt's addresses under the same keys, so each attempt gets its own
-                store, rank, size = next(dist.rendezvous("env://"))
-                options = {"store": dist.PrefixStore(f"dynlora/attempt-{attempt}", store), "rank": rank,
-                           "world_size": size}
-            dist.init_process_group(backend, **options)
-        except Exception as exc:  # noqa: BLE001
-            raise DynLoRAError(f"process group ({backend}, WORLD_SIZE={world})",
-                               f"initialisation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                               "launch with torchrun --nproc-per-node N -m dynlora_fx.cli MODEL.py ...") from None
-        return cls(dist.get_rank(), dist.get_world_size(), True, _RUNS)
-
-    # -- the end of a run: every rank reports through the store, then the group goes --------
-    def _key(self, rank: int) -> str:
-        return f"dynlora-cli/{self.run_id}/end/{rank}"
-
-    def _store(self) -> Any:
-        from torch.distributed import distributed_c10d
-
-        return distributed_c10d._get_default_store()
-
-    def finish(self, error: str | None, grace: float = 10.0) -> bool:
-        """Tell the other ranks how this one ended (``error``: its one-line message, or None) and wait
-        for theirs; when all have ended, barrier and destroy the group this CLI created. A failed rank
-        waits ``grace`` seconds at most (its peers may be stuck in a collective it left: it then
-        exits, and torchrun stops them). True when rank 0 failed too, so this rank need not print."""
-        import torch.distributed as dist
-
-        if not self.on:
-            return False
-        try:
-            store = self._store()
-            store.set(self._key(self.rank), "error" if error else "ok")
-            keys = [self._key(r) for r in range(self.world)]
-            deadline = time.monotonic() + (grace if error else 3600.0)
-            while not store.check(keys) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            everyone = store.check(keys)
-            main_failed = store.check([keys[0]]) and store.get(keys[0]) == b"error"
-        except Exception:  # noqa: BLE001 - the store went away: torchrun is tearing the job down
-            return False
-        if everyone and self.owned:
-            try:
-                dist.barrier()  # no rank tears gloo down while a peer is still in a collective
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
-        return main_failed
-
-    def peer_failed(self) -> bool:
-        """Whether another rank has reported an error (a collective this rank was in then breaks)."""
-        if not self.on:
-            return False
-        try:
-            store = self._store()
-            others = [self._key(r) for r in range(self.world) if r != self.rank]
-            return any(store.check([k]) and store.get(k) == b"error" for k in others)
-        except Exception:  # noqa: BLE001
-            return True  # the store is gone: the job is being torn down
-
-
-_RUNS = 0  # CLI runs started in this process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int:
     from .console import make_console
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     try:
-        ctx = Dist.start(args.shard)
+        ctx = Membership.start(args.shard)
     except DynLoRAError as exc:  # every rank fails alike here: rank 0 says so
         if args.debug:
             raise
-        if _env_rank() == 0:
+        if launcher_rank() == 0:
             print(f"dynlora-transform: error: {exc}", file=stderr)
         return 1
     if not ctx.main:  # only rank 0 prints: the others write to nowhere, warnings included
@@ -381,8 +251,8 @@ def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
     return code
 
 
-def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Dist | None = None) -> int:
-    ctx = ctx or Dist()
+def _run(args: argparse.Namespace, out: Any, err: Any, ctx: Membership | None = None) -> int:
+    ctx = ctx or Membership()
     t0 = time.perf_counter()
     from .checkpoint import ensure_parent, ensure_writable_dir
 
@@ -513,38 +383,14 @@ def _write_json(path: str | None, report: dict[str, Any]) -> None:
                                "pass a path in a writable folder") from None
 
 
-def _parallel(module: nn.Module, args: argparse.Namespace, ctx: Dist, mesh: Any, adapted: bool) -> nn.Module:
-    """What the training loop calls: ``module`` as it is (one process), compiled on request; under
-    torchrun wrapped in DDP, or sharded in place with FSDP2 (``--shard``: ``dl.fully_shard`` for the
-    transformed module, torch's ``fully_shard`` per repeated block and at the root for the baseline)."""
-    sharded = ctx.on and args.shard
-    if sharded and adapted:
-        dl_fully_shard(module, mesh=mesh)
-    elif sharded:
-        from torch.distributed.fsdp import fully_shard as torch_fully_shard
-
-        from .passes import repeated_blocks
-
-        for name in repeated_blocks(module):
-            torch_fully_shard(module.get_submodule(name), mesh=mesh)
-        torch_fully_shard(module, mesh=mesh)
-    if args.compile:  # sharded: FSDP2's hooks stay outside the compiled graphs (one per block and the root)
-        module = dl_compile(module) if adapted else torch.compile(module)
-    if ctx.on and not sharded:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(module)
-    return module
-
-
 def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: DynLoRAModule,
-           report: dict[str, Any], err: Any, ctx: Dist | None = None) -> int:
+           report: dict[str, Any], err: Any, ctx: Membership | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import has_training_checkpoint, load_training, save_training
     from .training import Trainer, TrainSettings, default_model_inputs, skip
 
-    ctx = ctx or Dist()
+    ctx = ctx or Membership()
     path = args.model_file
     # Near-zero AdamW moments and probabilities become denormal floats, which x86 CPUs process
     # 5-20x slower (measured in benchmarks/pretrain.py); the CLI owns its process, so flush them.
@@ -557,51 +403,29 @@ def _train(args: argparse.Namespace, user: ModuleType, model: nn.Module, gm: Dyn
     settings = TrainSettings(steps=args.train, lr=args.lr, lr_other=args.lr_other,
                              warmup=min(args.warmup, max(1, args.train // 10)), precision=args.precision)
     inputs_of = getattr(user, "model_inputs", default_model_inputs)
-    mesh = None
-    if sharded:
-        from torch.distributed.device_mesh import init_device_mesh
+    mesh = data_parallel_mesh(args.replicate) if sharded else None  # the CLI trains on the CPU
 
-        # the CLI trains on the CPU; HSDP: replica groups of consecutive ranks (a node each, under torchrun)
-        mesh = init_device_mesh("cpu", (ctx.world,)) if args.replicate == 1 else init_device_mesh(
-            "cpu", (args.replicate, ctx.world // args.replicate), mesh_dim_names=("replicate", "shard"))
+    def parallel(module: nn.Module) -> nn.Module:  # under torchrun: DDP, or FSDP2 with --shard
+        return parallelize(module, shard=sharded, compile=args.compile, mesh=mesh)
+
     gm.train()
-    parallel = dict(rank=ctx.rank, world=ctx.world)
-    runs = {"adapted": Trainer(_parallel(gm, args, ctx, mesh, True), gm.dynlora_config, settings, user.loss_fn,
-                               inputs_of, **parallel)}
-    if args.baseline:
-        base = copy.deepcopy(model).train()
-        runs["baseline"] = Trainer(_parallel(base, args, ctx, mesh, False), None, settings, user.loss_fn,
-                                   inputs_of, **parallel)
+    ranks = dict(rank=ctx.rank, world=ctx.world)
+    runs = {"adapted": Trainer(parallel(gm), gm.dynlora_config, settings, user.loss_fn, inputs_of, **ranks)}
+    base = copy.deepcopy(model).train() if args.baseline else None
+    if base is not None:
+        runs["baseline"] = Trainer(parallel(base), None, settings, user.loss_fn, inputs_of, **ranks)
     start = 0
-    if args.resume and not _has_checkpoint(args.out):  # a first attempt under torchrun --max-restarts
+    if args.resume and not has_training_checkpoint(args.out):  # a first attempt under torchrun --max-restarts
         err.print(f"[dim]no checkpoint in {args.out} yet: starting fresh[/]")
     elif args.resume:
-        if sharded:
-            _load_sharded(args.out, gm, base if args.baseline else None, runs)
-        else:  # every rank reads the one file rank 0 wrote
-            state = load_checkpoint(args.out)
-            gm.load_state_dict(state["adapted_module"])
-            runs["adapted"].load_state_dict(state["adapted"])
-            if "baseline" in runs and "baseline" in state:
-                base.load_state_dict(state["baseline_module"])
-                runs["baseline"].load_state_dict(state["baseline"])
+        load_training(args.out, gm, base, runs, sharded=sharded)
         start = runs["adapted"].step
         err.print(f"[dim]resuming from step {start}[/]")
     streams = {name: skip(iter(_call(user, "batches", path)), trainer.step) for name, trainer in runs.items()}
 
     def checkpoint() -> None:
-        if not args.out:
-            return
-        if sharded:
-            _save_sharded(args.out, gm, base if args.baseline else None, runs, ctx)
-            return
-        if not ctx.main:  # replicas are equal: rank 0 writes
-            return
-        state = {"adapted_module": gm.state_dict(), "adapted": runs["adapted"].state_dict()}
-        if "baseline" in runs:
-            state["baseline_module"] = base.state_dict()
-            state["baseline"] = runs["baseline"].state_dict()
-        save_checkpoint(args.out, state)
+        if args.out:
+            save_training(args.out, gm, base, runs, sharded=sharded)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} {task.fields[unit]}/s"),
@@ -657,7 +481,7 @@ def _state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
                       for v in st.values() if isinstance(v, torch.Tensor))
 
 
-def _per_rank_state(runs: dict[str, Any], ctx: Dist, replicas: int) -> dict[str, Any]:
+def _per_rank_state(runs: dict[str, Any], ctx: Membership, replicas: int) -> dict[str, Any]:
     """Every rank's training state in bytes (a collective), for the adapted run and the baseline."""
     import torch.distributed as dist
 
@@ -668,115 +492,6 @@ def _per_rank_state(runs: dict[str, Any], ctx: Dist, replicas: int) -> dict[str,
     if "baseline" in runs:
         out["full_rank_bytes"] = [r["baseline"] for r in every]
     return out
-
-
-# -- checkpoints of a sharded run: torch.distributed.checkpoint, one folder --------------------
-DCP_DIR = "checkpoint.dcp"
-_LOOP = "loop.pt"  # step, losses and LR schedule of each run (rank 0 writes it into the folder)
-
-
-def _sharded_state(gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> dict[str, Any]:
-    """What dcp saves and loads in place: model and optimizer state, DTensor shards as they are. dl.AdamW
-    holds its state from the start; torch's AdamW of the baseline creates it at its first step, so its
-    state dict comes from torch's helper, which creates it first (dcp.load only fills what exists)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = {"model": gm.state_dict(), "optim": runs["adapted"].optimizer.state_dict()}
-    if base is not None:
-        state["baseline_model"] = base.state_dict()
-        state["baseline_optim"] = get_optimizer_state_dict(base, runs["baseline"].optimizer)
-    return state
-
-
-def _save_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[str, Any], ctx: Dist) -> None:
-    """dcp.save of model and optimizer state into ``out/checkpoint.dcp`` (every rank writes its shards;
-    written beside it and renamed into place, so an interrupted save leaves the last one whole)."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    final = Path(out) / DCP_DIR
-    tmp, old = final.with_name(DCP_DIR + ".tmp"), final.with_name(DCP_DIR + ".old")
-    if ctx.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save(_sharded_state(gm, base, runs), checkpoint_id=str(tmp))
-    if ctx.main:
-        loop = {name: {k: v for k, v in trainer.state_dict().items() if k != "optimizer"}
-                for name, trainer in runs.items()}
-        torch.save(loop, tmp / _LOOP)
-        # a complete checkpoint exists at every instant: final, or old between the renames (then
-        # final is missing, and old, which _load_sharded falls back to, must stay until tmp is final)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def _has_checkpoint(out: str) -> bool:
-    """Whether ``out`` holds a checkpoint of either kind (a sharded one may be mid-swap: see _save_sharded)."""
-    from .checkpoint import CHECKPOINT
-
-    folder = Path(out) / DCP_DIR
-    return (Path(out) / CHECKPOINT).exists() or any(
-        (f / _LOOP).exists() for f in (folder, folder.with_name(DCP_DIR + ".old")))
-
-
-def _check_complete(folder: Path) -> None:
-    """Every shard file the checkpoint's metadata names is there: a folder missing a rank's shard
-    is refused (dcp.load would fail on it, or load what is there only), naming the file."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from .errors import StateError
-
-    try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception as exc:  # noqa: BLE001
-        raise StateError(str(folder), f"its metadata cannot be read ({type(exc).__name__})",
-                         "resume from a complete checkpoint (delete this folder to start fresh)") from None
-    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
-    missing = [f for f in files if not (folder / f).exists()]
-    if missing:
-        ranks = [f.split("_")[2] if f.startswith("__") and f.count("_") >= 3 else "?" for f in missing]
-        raise StateError(str(folder), f"the checkpoint is incomplete: {', '.join(missing[:4])} (the shard of rank "
-                         f"{', '.join(ranks[:4])}) is missing", "restore the file, or delete the folder to start fresh")
-
-
-def _load_sharded(out: str, gm: nn.Module, base: nn.Module | None, runs: dict[str, Any]) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    from .errors import StateError
-
-    folder = Path(out) / DCP_DIR
-    if not (folder / _LOOP).exists() and (folder.with_name(DCP_DIR + ".old") / _LOOP).exists():
-        folder = folder.with_name(DCP_DIR + ".old")  # the save was killed between its two renames
-    if not (folder / _LOOP).exists():
-        raise StateError(f"--resume {out}", f"no sharded checkpoint ({DCP_DIR}) there",
-                         "resume a --shard run from the --out folder of an earlier --shard --train run (a checkpoint "
-                         "of a run without --shard resumes without --shard)")
-    _check_complete(folder)
-    loop = torch.load(folder / _LOOP, map_location="cpu", weights_only=False)
-    if (base is not None) != ("baseline" in loop):
-        raise StateError(f"--resume {out}", "the checkpoint was written " + ("without" if base is not None else "with")
-                         + " --baseline", "resume with the options of the run that wrote it")
-    state = _sharded_state(gm, base, runs)
-    try:
-        dcp.load(state, checkpoint_id=str(folder))
-    except Exception as exc:  # noqa: BLE001
-        raise StateError(str(folder), f"the sharded checkpoint does not fit this run ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
-                         "resume with the model, options and number of ranks of the run that wrote it") from None
-    gm.load_state_dict(state["model"])
-    runs["adapted"].optimizer.load_state_dict(state["optim"])
-    if base is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        base.load_state_dict(state["baseline_model"])
-        set_optimizer_state_dict(base, runs["baseline"].optimizer, state["baseline_optim"])
-    for name, trainer in runs.items():
-        trainer.step, trainer.losses = loop[name]["step"], list(loop[name]["losses"])
-        trainer.scheduler.load_state_dict(loop[name]["scheduler"])
 
 
 if __name__ == "__main__":

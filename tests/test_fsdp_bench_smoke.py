@@ -4,7 +4,8 @@ Checks the JSON it writes: every setup measured on every rank, state and step ti
 collectives counted (> 0) and equal to the dispatcher audit and to the prediction from parameter
 shapes, SwitchLoRA FSDP2 reduce-scattering less than full-rank FSDP2, the DDP comm hook's buckets
 equal to the all-reduce bytes, and the summary ratios present. No assertion on which setup is
-faster. Runs in a subprocess: the script spawns its own ranks.
+faster. ``--policies`` gets a smaller smoke run of its own (2 ranks as 2 nodes). Each runs in a
+subprocess: the script spawns its own ranks.
 """
 
 import json
@@ -56,3 +57,26 @@ def test_fsdp_benchmark_quick(tmp_path):
     assert 0 < f["reduce_scatter_ratio"] < 1 and 0 < d["all_reduce_ratio"] < 1
     assert f["total_ratio"] > 0 and f["frozen_w_all_gather_vs_full_total"] > 0
     assert f["frozen_w_reduce_scatter_avoided_vs_full_total"] > 0
+
+
+def test_fsdp_benchmark_policies_quick(tmp_path):
+    """``--policies`` on 2 ranks as 2 nodes of 1: FSDP2 1x2 and HSDP 2x1, reshard True and False, full-rank
+    and SwitchLoRA r8, 1 timed step each. Under HSDP only what has a gradient crosses between the nodes,
+    so SwitchLoRA sends less across them than full-rank."""
+    out = tmp_path / "policies.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp.py"), "--policies", "--quick", "--worlds",
+                           "2", "--node-size", "1", "--policy-ranks", "8", "--steps-per-round", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reshard policies" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {(r["layout"], r["policy"], r["model"]) for r in rows} == {
+        (layout, policy, model) for layout in ("FSDP2", "HSDP") for policy in (True, False)
+        for model in ("full-rank", "switchlora r8")}
+    for r in rows:
+        assert [p["timed_steps"] for p in r["per_rank"]] == [1, 1], r["name"]
+        assert r["peak_bytes_max"] > 0 and math.isfinite(r["step_ms_max"]) and r["step_ms_max"] > 0, r["name"]
+        assert r["cross_bytes_per_step"] > 0 and r["inside_bytes_per_step"] == 0, r["name"]  # every group spans nodes
+        if r["layout"] == "HSDP" and r["model"] != "full-rank":
+            assert 0 < r["cross_vs_full_rank"] < 1, r["name"]
