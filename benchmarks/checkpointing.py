@@ -9,7 +9,7 @@ backward) in four ways, all built in one process and timed interleaved:
 - ``switchlora+ckpt`` ``dl.transform`` of the model with its flag on (``checkpoint="auto"`` follows it).
 
 Saved bytes are distinct storages autograd saves in one step, the module's own parameters and
-buffers left out (``_common.SavedTensors``); a checkpointed block's inputs count (torch saves
+buffers left out (``dynlora_fx.testing.SavedTensors``); a checkpointed block's inputs count (torch saves
 them through the same hooks). Step time is the median over ``--rounds`` rounds; ratios are
 medians of per-round ratios, so drift on a shared machine cancels. ``--compile`` adds the two
 SwitchLoRA variants under ``dl.compile``.
@@ -20,7 +20,6 @@ SwitchLoRA variants under ``dl.compile``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import Any, Callable
 
 import torch
 
+import dynlora_fx as dl
+from _common import code_version, human_bytes, log, machine_info, markdown_table, median, write_json
+from dynlora_fx.testing import SavedTensors
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import dynlora_fx as dl  # noqa: E402
-from _common import SavedTensors, code_version, human_bytes, log, machine_info, markdown_table, median, \
-    write_json  # noqa: E402
 
 
 def build_hf(args: argparse.Namespace, checkpointing: bool) -> torch.nn.Module:

@@ -3,7 +3,7 @@
     python benchmarks/fuzz.py --count N [--start S] [--out benchmarks/results/fuzz_S.json] [--shrink]
     python benchmarks/fuzz.py --summarize benchmarks/results/fuzz_*.json [--out benchmarks/results/fuzz.json] [--markdown]
 
-Models come from ``tests/fuzz_models.py`` (seed ``S`` .. ``S+N-1``; the CI test runs a fixed
+Models come from ``dynlora_fx/testing/fuzz_models.py`` (seed ``S`` .. ``S+N-1``; the CI test runs a fixed
 seeded subset of the same generator). The JSON holds, per model, its seed, features, capture
 path, outcome and failed checks; with ``--shrink`` every failure is also reduced to a minimal
 spec, ready to become a regression test. It is rewritten every 20 models, so a campaign cut
@@ -24,10 +24,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fuzz_models as fm  # noqa: E402
-from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
+from _common import code_version, log, machine_info, markdown_table, write_json
+from dynlora_fx.testing import fuzz_models as fm
 
 ROOT = Path(__file__).resolve().parents[1]
 

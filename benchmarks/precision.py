@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+import dynlora_fx as dl
+import dynlora_fx.runtime.switcher as switcher_module
+from _common import code_version, log, machine_info, markdown_table, write_json
+from dynlora_fx.runtime.precision import RESIDUAL
+from dynlora_fx.testing import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import dynlora_fx as dl  # noqa: E402
-import dynlora_fx.runtime.switcher as switcher_module  # noqa: E402
-from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
-from dynlora_fx.runtime.precision import RESIDUAL  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16 naive (ablation)", "fp32 + autocast bf16")
 
@@ -46,13 +45,6 @@ def naive_bf16() -> Iterator[None]:
         yield
     finally:
         switcher_module.master_dtype, switcher_module.residual_of = saved
-
-
-def load_tiny_llama() -> Any:
-    spec = importlib.util.spec_from_file_location("dynlora_bench_tiny_llama", ROOT / "examples" / "tiny_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     args.steps = sorted({int(s) for s in args.steps.split(",")})
     torch.set_num_threads(args.threads)
-    tl = load_tiny_llama()
+    tl = load_script("examples/tiny_llama.py")
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
     results = {}
     for variant in VARIANTS:

@@ -76,8 +76,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import dataclasses
-import importlib
-import importlib.util
 import math
 import platform
 import sys
@@ -90,14 +88,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dynlora_fx as dl  # noqa: E402
-from _common import markdown_table, median, rich_table, write_json  # noqa: E402
-from dynlora_fx import corpus as _corpus  # noqa: E402
+import dynlora_fx as dl
+from _common import markdown_table, median, rich_table, write_json
+from dynlora_fx import corpus as _corpus
+from dynlora_fx.testing import load_galore, load_script
 from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, \
-    stored_candidate_bytes, training_state_bytes  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+    stored_candidate_bytes, training_state_bytes
 SCHEMA = "dynlora-fx/benchmarks/pretrain/v1"
 LN2 = math.log(2.0)
 FAMILIES = ("full", "lora", "relora", "switchlora", "galore")
@@ -172,14 +168,6 @@ def family_of(method: str) -> str:
 
 
 # -- model, data ----------------------------------------------------------------------------
-def load_tiny_llama() -> types.ModuleType:
-    path = ROOT / "examples" / "tiny_llama.py"
-    spec = importlib.util.spec_from_file_location("dynlora_bench_tiny_llama", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_model(tl: types.ModuleType, p: Preset, seed: int) -> nn.Module:
     cfg = tl.LlamaConfig(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, max_seq_len=max(256, p.seq_len))
     model = tl.build_model(cfg)  # seeded with 0
@@ -187,38 +175,6 @@ def build_model(tl: types.ModuleType, p: Preset, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model.reset_parameters()
     return model
-
-
-_BARE = "_dynlora_bare_package"  # marks the galore_torch package load_galore put in sys.modules
-
-
-def load_galore() -> tuple[Any, str]:
-    """GaLoreAdamW and how it was imported. galore-torch 1.0's ``__init__`` also imports its
-    8-bit optimizer, which needs bitsandbytes; without bitsandbytes the plain AdamW module is
-    loaded on its own (it needs only torch and transformers). Safe to call again: a later call
-    finds the package the first one left in ``sys.modules``."""
-    bypassed = "galore_torch.adamw.AdamW (bitsandbytes missing: package __init__ bypassed)"
-    loaded = sys.modules.get("galore_torch")
-    if loaded is not None and getattr(loaded, _BARE, False):
-        # an earlier call's bare package: `from galore_torch import GaLoreAdamW` would raise
-        # ImportError (the bare package has no such name), and __init__ would fail as before
-        return importlib.import_module("galore_torch.adamw").AdamW, bypassed
-    try:
-        from galore_torch import GaLoreAdamW
-        return GaLoreAdamW, "galore_torch.GaLoreAdamW"
-    except ModuleNotFoundError as exc:
-        if exc.name != "bitsandbytes":
-            raise
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("galore_torch", name="galore_torch")
-    pkg = types.ModuleType("galore_torch")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    setattr(pkg, _BARE, True)
-    sys.modules["galore_torch"] = pkg  # bare package: __init__ (and its bitsandbytes import) skipped
-    mod = importlib.import_module("galore_torch.adamw")
-    return mod.AdamW, bypassed
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -243,7 +199,7 @@ class Bench:
     def __init__(self, p: Preset, args: argparse.Namespace, console: Any):
         self.p, self.args, self.console = p, args, console
         self.device = torch.device(p.device)
-        self.tl = load_tiny_llama()
+        self.tl = load_script("examples/tiny_llama.py")
         self.corpus = _corpus.load_corpus()
         self.val = [(x.to(self.device), y.to(self.device)) for x, y in
                     _corpus.val_batches(self.corpus.val, batch_size=p.batch_size, seq_len=p.seq_len,

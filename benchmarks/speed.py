@@ -91,8 +91,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -107,11 +105,14 @@ from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: 
 from dynlora_fx.training import TrainSettings, autocast, full_rank_state_bytes, make_optimizer, \
     training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, SavedTensors, code_version, current_rss, human_bytes, log,  # noqa: E402
+from _common import (RssSampler, code_version, current_rss, human_bytes, log,  # noqa: E402
                      machine_info, markdown_table, max_rss, median, optimizer_state_bytes, quantile, settle,
                      rich_table, trim_heap, write_json)
+from dynlora_fx.testing import SavedTensors, load_galore, load_script  # noqa: E402
 from reference_switching import ReferenceSwitcher  # noqa: E402
-from tiny_llama import LlamaConfig, build_model  # noqa: E402
+
+_tiny_llama = load_script("examples/tiny_llama.py")
+LlamaConfig, build_model = _tiny_llama.LlamaConfig, _tiny_llama.build_model
 
 METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference")
 # positions x = t / T at which the switcher's hooks are timed for the run average
@@ -498,7 +499,6 @@ MEMORY_ROWS = (("full-rank", None), ("galore", None), ("lora", "auto"), ("switch
 def _galore_optimizer(model: nn.Module, low: list[torch.Tensor], args: argparse.Namespace) -> torch.optim.Optimizer:
     """galore-torch's AdamW at the adapters' rank on ``low``, the weights the pass adapts (as
     benchmarks/pretrain.py does), torch's AdamW update on the rest."""
-    from pretrain import load_galore
     GaLoreAdamW, _ = load_galore()
     rest = [p for p in model.parameters() if not any(p is q for q in low)]
     return GaLoreAdamW([{"params": low, "rank": args.rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},

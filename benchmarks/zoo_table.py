@@ -2,7 +2,7 @@
 
     python benchmarks/zoo_table.py [--out benchmarks/results/zoo.json] [--markdown]
 
-Coverage is counted by the independent oracle in tests/zoo.py (a torch.export graph walk that
+Coverage is counted by the independent oracle in dynlora_fx/testing/zoo.py (a torch.export graph walk that
 does not use dynlora_fx), leaving out weights that are also embedding tables (tied heads).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import dynlora_fx as dl  # noqa: E402
-from zoo import ZOO, weight_bearing_params  # noqa: E402
+import dynlora_fx as dl
+from dynlora_fx.testing.zoo import ZOO, weight_bearing_params
 
 
 def main() -> None:

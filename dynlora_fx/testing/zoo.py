@@ -1,8 +1,8 @@
 """A zoo of small real models used as test subjects for the adapter pass.
 
-Plain helper module (no tests here). Import it as ``from zoo import ZOO`` (the
-tests directory is put on ``sys.path`` by conftest) or ``from tests.zoo import
-ZOO``; it uses no relative imports so both work.
+Plain helper module (no tests here): ``from dynlora_fx.testing.zoo import ZOO``. The
+model libraries a case needs (transformers, torchvision, timm) are imported when the case
+is built, never at import.
 
 Every case is tiny (hidden sizes 32-64, one or two layers, 32x32 images, vocab
 100, sequence length 8) so that build + forward takes milliseconds. All weights
@@ -10,7 +10,7 @@ are randomly initialised from a config or a constructor: nothing is downloaded.
 
 ``weight_bearing_params`` is an *independent* oracle for the set of parameters
 that feed a matrix product (linear / conv / mm / bmm / einsum / RNN / grouped
-mm ...). It deliberately does not import ``dynlora_fx``: it exports the model
+mm ...). It deliberately uses no ``dynlora_fx`` code: it exports the model
 with ``torch.export`` and walks the ATen graph itself.
 """
 
