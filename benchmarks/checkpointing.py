@@ -28,7 +28,8 @@ from typing import Any, Callable
 import torch
 
 import dynlora_fx as dl
-from _common import code_version, human_bytes, log, machine_info, markdown_table, median, write_json
+from _common import code_version, human_bytes, log, machine_info, median, method_config, print_table, random_tokens, \
+    write_json
 from dynlora_fx.testing import SavedTensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    ids = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    config = dl.SwitchLoRA(rank=args.rank, tokens_per_step=ids.numel())
+    ids = random_tokens(args.batch, args.seq)
+    config = method_config("switchlora", args.rank, tokens_per_step=ids.numel())
 
     log("building variants")
     variants: dict[str, torch.nn.Module] = {"hf": build_hf(args, False), "hf+ckpt": build_hf(args, True)}
@@ -127,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"{v['step_ms']:.0f}", f"{v['time_vs_uncheckpointed']:.2f}x"] for n, v in results.items()]
     title = (f"HF LLaMA {args.layers} layers d={args.dim}, {args.batch}x{args.seq} tokens, SwitchLoRA rank {args.rank} "
              f"({'/'.join(report['forms'])} form), {args.rounds} rounds, {args.threads} threads")
-    print(title)
-    print(markdown_table(headers, rows) if args.markdown else "\n".join("  ".join(map(str, r)) for r in [headers, *rows]))
+    print_table(title, headers, rows, markdown=args.markdown)
     return report
 
 

@@ -26,9 +26,9 @@ import torch
 
 import dynlora_fx as dl
 import dynlora_fx.runtime.switcher as switcher_module
-from _common import code_version, log, machine_info, markdown_table, write_json
+from _common import build_llama, code_version, llama_config, log, machine_info, method_config, print_table, \
+    random_tokens, write_json
 from dynlora_fx.runtime.precision import RESIDUAL
-from dynlora_fx.testing import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +47,11 @@ def naive_bf16() -> Iterator[None]:
         switcher_module.master_dtype, switcher_module.residual_of = saved
 
 
-def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = tl.TinyLlama(tl.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=4))
+def run(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
+    model = build_llama(llama_config(args.dim, args.layers, heads=4))
     if variant.startswith("bf16"):
         model = model.to(torch.bfloat16)
-    gm = dl.transform(model, (ids,), dl.SwitchLoRA(rank=args.rank)).eval()
+    gm = dl.transform(model, (ids,), method_config("switchlora", args.rank)).eval()
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in variant)
     with torch.no_grad(), amp:
         start = gm(ids).float()
@@ -86,12 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     args.steps = sorted({int(s) for s in args.steps.split(",")})
     torch.set_num_threads(args.threads)
-    tl = load_script("examples/tiny_llama.py")
-    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(4, 64)
     results = {}
     for variant in VARIANTS:
         log(f"{variant}: {max(args.steps)} steps")
-        results[variant] = run(variant, args, tl, ids)
+        results[variant] = run(variant, args, ids)
     report = {"benchmark": "precision", "args": vars(args), "machine": machine_info(), "code": code_version(ROOT),
               "results": results}
     write_json(args.out, report)
@@ -99,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pct = lambda x: f"{x:.2%}" if x >= 1e-4 else f"{100 * x:.0e}%"  # noqa: E731
     rows = [[v, *[pct(r['drift'][s]) for s in args.steps], f"{r['w_bytes_per_entry']:.0f}"]
             for v, r in results.items()]
-    print(f"{args.layers}-layer LLaMA-style d={args.dim}, rank {args.rank}, lr 0: output change from step 0")
-    print(markdown_table(headers, rows) if args.markdown else "\n".join("  ".join(map(str, r)) for r in [headers, *rows]))
+    print_table(f"{args.layers}-layer LLaMA-style d={args.dim}, rank {args.rank}, lr 0: output change from step 0",
+                headers, rows, markdown=args.markdown)
     return report
 
 
