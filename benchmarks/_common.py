@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine info, memory probes, statistics, output.
+"""Helpers shared by the benchmark scripts: the model, method configs and batches they train,
+machine info, memory probes, statistics, and one report renderer (rows -> markdown or rich).
 
 Nothing here times anything by itself; the scripts decide what to measure. All memory
 figures are host RSS (Linux ``/proc/self/statm``), which is process-wide: a delta taken
@@ -20,14 +21,92 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.nn as nn
 
+import dynlora_fx as dl
 from dynlora_fx.console import human_bytes as _human_bytes
+from dynlora_fx.testing import load_script
 
-__all__ = ["code_version", "machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler", "SavedTensors",
-           "optimizer_state_bytes", "median", "quantile", "human_bytes", "write_json", "markdown_table", "settle", "log"]
+__all__ = ["code_version", "machine_info", "current_rss", "max_rss", "trim_heap", "RssSampler",
+           "optimizer_state_bytes", "median", "quantile", "human_bytes", "write_json", "markdown_table", "rich_table",
+           "print_table", "settle", "log", "tiny_llama", "llama_config", "build_llama", "ABLATIONS", "method_config",
+           "random_tokens", "token_batches"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
+
+# -- what the benchmarks train ---------------------------------------------------------------
+
+def tiny_llama() -> Any:
+    """``examples/tiny_llama.py``, the LLaMA-style byte-level model every tiny-LLaMA benchmark trains."""
+    return load_script("examples/tiny_llama.py")
+
+
+def llama_config(dim: int, layers: int, heads: int, max_seq_len: int = 256) -> Any:
+    """The tiny LLaMA's config (its ``LlamaConfig``; ``ffn_hidden`` follows from ``dim``)."""
+    return tiny_llama().LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, max_seq_len=max_seq_len)
+
+
+def build_llama(config: Any, seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny LLaMA: seed 0 is ``build_model``'s own init (the same in every
+    benchmark and variant); another seed re-initialises it from that seed."""
+    model = tiny_llama().build_model(config)
+    if seed != 0:
+        torch.manual_seed(seed)
+        model.reset_parameters()
+    return model
+
+
+ABLATIONS = {  # SwitchLoRA ablation name -> the fields it changes (seeded candidates otherwise)
+    "switchlora-freeze0": {"freeze_steps": 0},
+    "switchlora-noreset": {"reset_vector_state": False},
+    "switchlora-lorainit": {"init": "lora"},
+    "switchlora-interval80": {"interval": 80.0},
+    "switchlora-decay0.2": {"decay_ratio": 0.2},
+}
+
+# benchmark method name -> (config class, the fields the name fixes); None: no adapters (full-rank, GaLore).
+# speed.py's switchlora-keep and -reference differ from -seeded in how they run, not in their config
+# (the reference keeps its own stored tables, so its config must not store a second copy).
+_SEEDED = (dl.SwitchLoRA, {"candidates": "seeded"})
+_METHODS: dict[str, tuple[type, dict[str, Any]] | None] = {
+    "full": None, "full-rank": None, "galore": None,
+    "lora": (dl.LoRA, {}), "relora": (dl.ReLoRA, {}),
+    "switchlora": _SEEDED, "switchlora-seeded": _SEEDED, "switchlora-keep": _SEEDED, "switchlora-reference": _SEEDED,
+    "switchlora-stored": (dl.SwitchLoRA, {"candidates": "stored"}),
+    **{name: (dl.SwitchLoRA, {**_SEEDED[1], **fields}) for name, fields in ABLATIONS.items()},
+}
+
+
+def method_config(method: str, rank: int, **fields: Any) -> Any:
+    """The adapter config of a benchmark method at ``rank`` (None for full-rank and GaLore), with
+    ``fields`` (tokens_per_step, form, seed, ReLoRA's schedule...) set on top of what the name fixes."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_METHODS)}")
+    entry = _METHODS[method]
+    if entry is None:
+        return None
+    cls, fixed = entry
+    return cls(rank=rank, **fixed, **fields)
+
+
+def random_tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(batch, seq) seeded random bytes: content does not matter where only sizes and switching do."""
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def token_batches(batch: int, seq: int, n: int, seed: int = 0,
+                  device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` seeded random byte batches (x, y), y = x shifted by one, drawn from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (batch, seq + 1), generator=g)
+        out.append((ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)))
+    return out
+
+
+# -- machine, memory, statistics, output -------------------------------------------------------
 
 def log(msg: str) -> None:
     """One line of progress on stderr (results go to stdout)."""
@@ -141,39 +220,6 @@ class RssSampler:
         self.peak = max(self.peak, current_rss())
 
 
-class SavedTensors:
-    """Context manager: what autograd saves for backward while it is open, as bytes of distinct
-    storages (a tensor saved by several ops, or through several views, counts once). Storages of
-    ``exclude`` (a model's parameters and buffers, alive whether saved or not) are left out and
-    counted apart in ``excluded_bytes``. Works around ``torch.compile``d modules too: AOTAutograd
-    hands its saved tensors to the active hooks."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self._seen: dict[int, tuple[int, bool]] = {}  # data_ptr -> (bytes, excluded)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        self._seen.setdefault(storage.data_ptr(), (storage.nbytes(), storage.data_ptr() in self._exclude))
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(n for n, excluded in self._seen.values() if not excluded)
-
-    @property
-    def excluded_bytes(self) -> int:
-        return sum(n for n, excluded in self._seen.values() if excluded)
-
-    def __enter__(self) -> "SavedTensors":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__()
-
-
 def optimizer_state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Measured training state: parameters, gradients of trained ones, every tensor in the
     optimizer's state, and GaLore's projection matrices (its ``GaLoreProjector.ortho_matrix``)."""
@@ -247,6 +293,19 @@ def rich_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]
     for row in rows:
         table.add_row(*map(str, row))
     return table
+
+
+def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                align: Sequence[str] | None = None, *, markdown: bool, console: Any = None) -> None:
+    """Print one report table: with ``markdown``, a bold title line and a GitHub markdown table (for
+    the README); else a ``rich`` table on ``console`` (default: stdout, 200 columns unless a terminal)."""
+    if markdown:
+        print(f"**{title}**\n\n{markdown_table(headers, rows, align)}\n")
+        return
+    if console is None:
+        from rich.console import Console
+        console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    console.print(rich_table(title, headers, rows, align))
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> str:

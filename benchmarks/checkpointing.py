@@ -9,7 +9,7 @@ backward) in four ways, all built in one process and timed interleaved:
 - ``switchlora+ckpt`` ``dl.transform`` of the model with its flag on (``checkpoint="auto"`` follows it).
 
 Saved bytes are distinct storages autograd saves in one step, the module's own parameters and
-buffers left out (``_common.SavedTensors``); a checkpointed block's inputs count (torch saves
+buffers left out (``dynlora_fx.testing.SavedTensors``); a checkpointed block's inputs count (torch saves
 them through the same hooks). Step time is the median over ``--rounds`` rounds; ratios are
 medians of per-round ratios, so drift on a shared machine cancels. ``--compile`` adds the two
 SwitchLoRA variants under ``dl.compile``.
@@ -20,7 +20,6 @@ SwitchLoRA variants under ``dl.compile``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +27,12 @@ from typing import Any, Callable
 
 import torch
 
+import dynlora_fx as dl
+from _common import code_version, human_bytes, log, machine_info, median, method_config, print_table, random_tokens, \
+    write_json
+from dynlora_fx.testing import SavedTensors
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import dynlora_fx as dl  # noqa: E402
-from _common import SavedTensors, code_version, human_bytes, log, machine_info, markdown_table, median, \
-    write_json  # noqa: E402
 
 
 def build_hf(args: argparse.Namespace, checkpointing: bool) -> torch.nn.Module:
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    ids = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    config = dl.SwitchLoRA(rank=args.rank, tokens_per_step=ids.numel())
+    ids = random_tokens(args.batch, args.seq)
+    config = method_config("switchlora", args.rank, tokens_per_step=ids.numel())
 
     log("building variants")
     variants: dict[str, torch.nn.Module] = {"hf": build_hf(args, False), "hf+ckpt": build_hf(args, True)}
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"{v['step_ms']:.0f}", f"{v['time_vs_uncheckpointed']:.2f}x"] for n, v in results.items()]
     title = (f"HF LLaMA {args.layers} layers d={args.dim}, {args.batch}x{args.seq} tokens, SwitchLoRA rank {args.rank} "
              f"({'/'.join(report['forms'])} form), {args.rounds} rounds, {args.threads} threads")
-    print(title)
-    print(markdown_table(headers, rows) if args.markdown else "\n".join("  ".join(map(str, r)) for r in [headers, *rows]))
+    print_table(title, headers, rows, markdown=args.markdown)
     return report
 
 

@@ -3,7 +3,7 @@
     python benchmarks/fuzz.py --count N [--start S] [--out benchmarks/results/fuzz_S.json] [--shrink]
     python benchmarks/fuzz.py --summarize benchmarks/results/fuzz_*.json [--out benchmarks/results/fuzz.json] [--markdown]
 
-Models come from ``tests/fuzz_models.py`` (seed ``S`` .. ``S+N-1``; the CI test runs a fixed
+Models come from ``dynlora_fx/testing/fuzz_models.py`` (seed ``S`` .. ``S+N-1``; the CI test runs a fixed
 seeded subset of the same generator). The JSON holds, per model, its seed, features, capture
 path, outcome and failed checks; with ``--shrink`` every failure is also reduced to a minimal
 spec, ready to become a regression test. It is rewritten every 20 models, so a campaign cut
@@ -24,10 +24,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fuzz_models as fm  # noqa: E402
-from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
+from _common import code_version, log, machine_info, print_table, write_json
+from dynlora_fx.testing import fuzz_models as fm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +87,7 @@ _GROUPS = (("blocks", lambda f: f in fm.BLOCKS or f in fm.CHECKPOINT_BLOCKS), ("
            ("form", lambda f: f.startswith("form:")), ("rank", lambda f: f.startswith("rank:")))
 
 
-def table(summary: dict[str, Any]) -> str:
+def feature_rows(summary: dict[str, Any]) -> list[list[str]]:
     """Models tried per feature, grouped; a feature's failures in parentheses when there are any."""
     rows = []
     for group, member in _GROUPS:
@@ -100,7 +98,12 @@ def table(summary: dict[str, Any]) -> str:
                 failed = f" ({c['fail']} failed)" if c.get("fail") else ""
                 cells.append(f"{name} {c.get('tried', 0)}{failed}")
         rows.append([group, ", ".join(cells)])
-    return markdown_table(["feature", "models tried"], rows, align=["l", "l"])
+    return rows
+
+
+def print_feature_table(s: dict[str, Any]) -> None:
+    print_table(f"models tried per feature ({s['models']} models)", ["feature", "models tried"], feature_rows(s),
+                ["l", "l"], markdown=True)
 
 
 def _sizes_line(s: dict[str, Any]) -> str:
@@ -132,7 +135,7 @@ def main() -> None:
         print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
         print(_sizes_line(s))
         if a.markdown:
-            print(table(s))
+            print_feature_table(s)
         return
 
     torch.set_num_threads(a.threads)
@@ -156,7 +159,7 @@ def main() -> None:
     print(f"{s['models']} models: {s['outcomes']}; capture {s['capture']}; failed checks {s['failed_checks']}")
     print(_sizes_line(s))
     if a.markdown:
-        print(table(s))
+        print_feature_table(s)
 
 
 if __name__ == "__main__":

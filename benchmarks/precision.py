@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+import dynlora_fx as dl
+import dynlora_fx.runtime.switcher as switcher_module
+from _common import build_llama, code_version, llama_config, log, machine_info, method_config, print_table, \
+    random_tokens, write_json
+from dynlora_fx.runtime.precision import RESIDUAL
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import dynlora_fx as dl  # noqa: E402
-import dynlora_fx.runtime.switcher as switcher_module  # noqa: E402
-from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
-from dynlora_fx.runtime.precision import RESIDUAL  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16 naive (ablation)", "fp32 + autocast bf16")
 
@@ -48,19 +47,11 @@ def naive_bf16() -> Iterator[None]:
         switcher_module.master_dtype, switcher_module.residual_of = saved
 
 
-def load_tiny_llama() -> Any:
-    spec = importlib.util.spec_from_file_location("dynlora_bench_tiny_llama", ROOT / "examples" / "tiny_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = tl.TinyLlama(tl.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=4))
+def run(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
+    model = build_llama(llama_config(args.dim, args.layers, heads=4))
     if variant.startswith("bf16"):
         model = model.to(torch.bfloat16)
-    gm = dl.transform(model, (ids,), dl.SwitchLoRA(rank=args.rank)).eval()
+    gm = dl.transform(model, (ids,), method_config("switchlora", args.rank)).eval()
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in variant)
     with torch.no_grad(), amp:
         start = gm(ids).float()
@@ -94,12 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     args.steps = sorted({int(s) for s in args.steps.split(",")})
     torch.set_num_threads(args.threads)
-    tl = load_tiny_llama()
-    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(4, 64)
     results = {}
     for variant in VARIANTS:
         log(f"{variant}: {max(args.steps)} steps")
-        results[variant] = run(variant, args, tl, ids)
+        results[variant] = run(variant, args, ids)
     report = {"benchmark": "precision", "args": vars(args), "machine": machine_info(), "code": code_version(ROOT),
               "results": results}
     write_json(args.out, report)
@@ -107,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pct = lambda x: f"{x:.2%}" if x >= 1e-4 else f"{100 * x:.0e}%"  # noqa: E731
     rows = [[v, *[pct(r['drift'][s]) for s in args.steps], f"{r['w_bytes_per_entry']:.0f}"]
             for v, r in results.items()]
-    print(f"{args.layers}-layer LLaMA-style d={args.dim}, rank {args.rank}, lr 0: output change from step 0")
-    print(markdown_table(headers, rows) if args.markdown else "\n".join("  ".join(map(str, r)) for r in [headers, *rows]))
+    print_table(f"{args.layers}-layer LLaMA-style d={args.dim}, rank {args.rank}, lr 0: output change from step 0",
+                headers, rows, markdown=args.markdown)
     return report
 
 

@@ -76,13 +76,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import dataclasses
-import importlib
-import importlib.util
 import math
 import platform
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,25 +87,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dynlora_fx as dl  # noqa: E402
-from _common import markdown_table, median, rich_table, write_json  # noqa: E402
-from dynlora_fx import corpus as _corpus  # noqa: E402
+import dynlora_fx as dl
+from _common import ABLATIONS, build_llama, llama_config, median, method_config, optimizer_state_bytes, print_table, \
+    tiny_llama, write_json
+from dynlora_fx import corpus as _corpus
+from dynlora_fx.testing import load_galore
 from dynlora_fx.training import PRECISIONS, Trainer, TrainSettings, cast_model, full_rank_state_bytes, \
-    stored_candidate_bytes, training_state_bytes  # noqa: E402
+    stored_candidate_bytes, training_state_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "dynlora-fx/benchmarks/pretrain/v1"
 LN2 = math.log(2.0)
 FAMILIES = ("full", "lora", "relora", "switchlora", "galore")
 DEFAULT_METHODS = ("full", "lora", "relora", "switchlora", "switchlora-stored", "galore")
-ABLATIONS = {  # name -> SwitchLoRA overrides
-    "switchlora-freeze0": {"freeze_steps": 0},
-    "switchlora-noreset": {"reset_vector_state": False},
-    "switchlora-lorainit": {"init": "lora"},
-    "switchlora-interval80": {"interval": 80.0},
-    "switchlora-decay0.2": {"decay_ratio": 0.2},
-}
 ALL_METHODS = DEFAULT_METHODS + tuple(ABLATIONS)
 GALORE_MISSING = "skipped: galore-torch not installed"
 
@@ -171,79 +161,19 @@ def family_of(method: str) -> str:
     return "switchlora" if method.startswith("switchlora") else method
 
 
-# -- model, data ----------------------------------------------------------------------------
-def load_tiny_llama() -> types.ModuleType:
-    path = ROOT / "examples" / "tiny_llama.py"
-    spec = importlib.util.spec_from_file_location("dynlora_bench_tiny_llama", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def build_model(tl: types.ModuleType, p: Preset, seed: int) -> nn.Module:
-    cfg = tl.LlamaConfig(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, max_seq_len=max(256, p.seq_len))
-    model = tl.build_model(cfg)  # seeded with 0
-    if seed != 0:
-        torch.manual_seed(seed)
-        model.reset_parameters()
-    return model
-
-
-_BARE = "_dynlora_bare_package"  # marks the galore_torch package load_galore put in sys.modules
-
-
-def load_galore() -> tuple[Any, str]:
-    """GaLoreAdamW and how it was imported. galore-torch 1.0's ``__init__`` also imports its
-    8-bit optimizer, which needs bitsandbytes; without bitsandbytes the plain AdamW module is
-    loaded on its own (it needs only torch and transformers). Safe to call again: a later call
-    finds the package the first one left in ``sys.modules``."""
-    bypassed = "galore_torch.adamw.AdamW (bitsandbytes missing: package __init__ bypassed)"
-    loaded = sys.modules.get("galore_torch")
-    if loaded is not None and getattr(loaded, _BARE, False):
-        # an earlier call's bare package: `from galore_torch import GaLoreAdamW` would raise
-        # ImportError (the bare package has no such name), and __init__ would fail as before
-        return importlib.import_module("galore_torch.adamw").AdamW, bypassed
-    try:
-        from galore_torch import GaLoreAdamW
-        return GaLoreAdamW, "galore_torch.GaLoreAdamW"
-    except ModuleNotFoundError as exc:
-        if exc.name != "bitsandbytes":
-            raise
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("galore_torch", name="galore_torch")
-    pkg = types.ModuleType("galore_torch")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    setattr(pkg, _BARE, True)
-    sys.modules["galore_torch"] = pkg  # bare package: __init__ (and its bitsandbytes import) skipped
-    mod = importlib.import_module("galore_torch.adamw")
-    return mod.AdamW, bypassed
-
-
 # -- one run ---------------------------------------------------------------------------------
-def method_config(method: str, p: Preset, steps: int, seed: int) -> dl.config.AdapterConfig | None:
-    if method in ("full", "galore"):
-        return None
-    if method == "lora":
-        return dl.LoRA(rank=p.rank, seed=seed)
-    if method == "relora":
-        reset_every = max(2, steps // 4)
-        return dl.ReLoRA(rank=p.rank, reset_every=reset_every, warmup=min(20, max(1, reset_every // 5)), seed=seed)
-    if method == "switchlora":
-        return dl.SwitchLoRA(rank=p.rank, candidates="seeded", seed=seed)
-    if method == "switchlora-stored":
-        return dl.SwitchLoRA(rank=p.rank, candidates="stored", seed=seed)
-    if method in ABLATIONS:
-        return dl.SwitchLoRA(rank=p.rank, candidates="seeded", seed=seed, **ABLATIONS[method])
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+def run_config(method: str, p: Preset, steps: int, seed: int) -> dl.config.AdapterConfig | None:
+    """The method's config for a run of ``steps``: ReLoRA merges and restarts every quarter of it."""
+    if method != "relora":
+        return method_config(method, p.rank, seed=seed)
+    reset_every = max(2, steps // 4)
+    return method_config(method, p.rank, reset_every=reset_every, warmup=min(20, max(1, reset_every // 5)), seed=seed)
 
 
 class Bench:
     def __init__(self, p: Preset, args: argparse.Namespace, console: Any):
         self.p, self.args, self.console = p, args, console
         self.device = torch.device(p.device)
-        self.tl = load_tiny_llama()
         self.corpus = _corpus.load_corpus()
         self.val = [(x.to(self.device), y.to(self.device)) for x, y in
                     _corpus.val_batches(self.corpus.val, batch_size=p.batch_size, seq_len=p.seq_len,
@@ -256,7 +186,8 @@ class Bench:
 
     def model(self, seed: int) -> nn.Module:
         if seed not in self._models:
-            self._models[seed] = cast_model(build_model(self.tl, self.p, seed).to(self.device), self.p.precision)
+            cfg = llama_config(self.p.dim, self.p.n_layers, self.p.n_heads, max_seq_len=max(256, self.p.seq_len))
+            self._models[seed] = cast_model(build_llama(cfg, seed).to(self.device), self.p.precision)
         return self._models[seed]
 
     def _transform_once(self, config: Any, seed: int, label: str) -> nn.Module:
@@ -288,7 +219,7 @@ class Bench:
                              min_lr_ratio=p.min_lr_ratio, clip=p.clip, precision=p.precision)
 
     def trainer(self, method: str, steps: int, lr: float, seed: int) -> tuple[Trainer, nn.Module]:
-        config = method_config(method, self.p, steps, seed)
+        config = run_config(method, self.p, steps, seed)
         settings = self.settings(steps, lr)
         if config is None:
             module = copy.deepcopy(self.model(seed))
@@ -308,7 +239,7 @@ class Bench:
                       {"params": rest, "lr": settings.lr_other}]
             optimizer = GaLoreAdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                     no_deprecation_warning=True)
-        return Trainer(module, config, settings, self.tl.loss_fn, optimizer=optimizer), module
+        return Trainer(module, config, settings, tiny_llama().loss_fn, optimizer=optimizer), module
 
     def run(self, method: str, steps: int, lr: float, seed: int, curve: bool) -> dict[str, Any]:
         tr, module = self.trainer(method, steps, lr, seed)
@@ -357,15 +288,7 @@ class Bench:
     def state_bytes(self, method: str, module: nn.Module, tr: Trainer) -> dict[str, Any]:
         """Measured: parameters + gradients of trained ones + every optimizer-state tensor (+ GaLore
         projections, + stored candidates). Formula: the library's estimate (2 Adam slots)."""
-        total = sum(q.numel() * q.element_size() * (2 if q.requires_grad else 1) for q in module.parameters())
-        for st in tr.optimizer.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor):
-                    total += v.numel() * v.element_size()
-                elif hasattr(v, "ortho_matrix") and v.ortho_matrix is not None:  # GaLoreProjector
-                    mats = v.ortho_matrix if isinstance(v.ortho_matrix, (list, tuple)) else [v.ortho_matrix]
-                    total += sum(m.numel() * m.element_size() for m in mats)
-        total += stored_candidate_bytes(module)
+        total = optimizer_state_bytes(module, tr.optimizer) + stored_candidate_bytes(module)
         if method == "full":
             formula = full_rank_state_bytes(module)
         elif method == "galore":
@@ -523,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[m] = entry
         if status[m] != "ok":
             continue
-        cfg = method_config(m, p, p.steps, 0)
+        cfg = run_config(m, p, p.steps, 0)
         entry["config"] = cfg.to_dict() if cfg is not None else (
             {"method": "galore", "rank": p.rank, "update_proj_gap": p.galore_update_proj_gap,
              "scale": p.galore_scale, "proj_type": "std", "import": galore_import} if m == "galore"
@@ -641,13 +564,8 @@ def summary(report: dict[str, Any], markdown: bool = False) -> None:
     title = (f"pretrain ({report['preset']}): {s['n_layers']}L d={s['dim']} rank {s['rank']}, batch "
              f"{s['batch_size']}x{s['seq_len']}, {s['steps']} steps, {s['seeds']} seed(s); "
              f"lr_other={s['lr_other']:g}; {report['wall_s']:.0f} s")
-    if markdown:
-        print(f"**{title}**\n")
-        print(markdown_table(head, body))
-        print()
-    else:
-        from rich.console import Console
-        Console(width=max(130, Console().width)).print(rich_table(title, head, body))
+    from rich.console import Console
+    print_table(title, head, body, markdown=markdown, console=Console(width=max(130, Console().width)))
     sweeps = {e["family"]: e["sweep"] for e in report["methods"].values() if e.get("sweep")}
     for fam, pts in sweeps.items():
         print(f"sweep {fam}: " + ", ".join(f"{q['lr']:g} -> {_fmt(q['val_loss'])}" for q in pts))

@@ -91,8 +91,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -107,11 +105,11 @@ from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: 
 from dynlora_fx.training import TrainSettings, autocast, full_rank_state_bytes, make_optimizer, \
     training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, SavedTensors, code_version, current_rss, human_bytes, log,  # noqa: E402
-                     machine_info, markdown_table, max_rss, median, optimizer_state_bytes, quantile, settle,
-                     rich_table, trim_heap, write_json)
+from _common import (RssSampler, build_llama, code_version, current_rss, human_bytes, llama_config, log,  # noqa: E402
+                     machine_info, max_rss, median, method_config, optimizer_state_bytes, print_table, quantile,
+                     settle, token_batches, trim_heap, write_json)
+from dynlora_fx.testing import SavedTensors, load_galore  # noqa: E402
 from reference_switching import ReferenceSwitcher  # noqa: E402
-from tiny_llama import LlamaConfig, build_model  # noqa: E402
 
 METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference")
 # positions x = t / T at which the switcher's hooks are timed for the run average
@@ -121,18 +119,6 @@ RUN_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 # ---------------------------------------------------------------------------------------------
 # variants
 # ---------------------------------------------------------------------------------------------
-def method_config(method: str, rank: int, tokens: int, form: str = "auto") -> dl.SwitchLoRA | dl.LoRA | None:
-    """The method's config; ``tokens`` (tokens per optimizer step) feeds form="auto"'s cost model."""
-    if method in ("full-rank", "galore"):
-        return None
-    cls = dl.LoRA if method == "lora" else dl.SwitchLoRA
-    kwargs: dict[str, Any] = {"rank": rank, "tokens_per_step": tokens, "form": form}
-    if cls is dl.SwitchLoRA:
-        # the reference keeps its own stored tables, so its config must not store a second copy
-        kwargs["candidates"] = "stored" if method == "switchlora-stored" else "seeded"
-    return cls(**kwargs)
-
-
 def variant_context(method: str) -> contextlib.AbstractContextManager:
     """What the variant's forward and backward run under: ``switchlora-keep`` keeps every merged
     ``W'`` for backward, as the weight-space form did before it recomputed them (dynlora_fx.ops)."""
@@ -180,10 +166,11 @@ def _time_hooks(v: Variant, device: torch.device) -> None:
         hooks[handle.id] = timed
 
 
-def build_variant(method: str, mode: str, cfg: LlamaConfig, example: torch.Tensor, args: argparse.Namespace,
+def build_variant(method: str, mode: str, cfg: Any, example: torch.Tensor, args: argparse.Namespace,
                   device: torch.device) -> Variant:
-    model = build_model(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
-    config = method_config(method, args.rank, tokens=example.numel())
+    model = build_llama(cfg).to(device)  # seeds the global RNG with 0: same init for every variant
+    # tokens per optimizer step feed form="auto"'s cost model
+    config = method_config(method, args.rank, tokens_per_step=example.numel(), form="auto")
     inner = model if config is None else dl.transform(model, (example,), config)
     del model
     optimizer = make_optimizer(inner, config, TrainSettings(steps=args.total_steps, lr=args.lr))
@@ -263,18 +250,7 @@ def train_step(v: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
             "pre": v.hook_s["pre"] - pre0, "post": v.hook_s["post"] - post0}
 
 
-def make_batches(batch: int, seq: int, n: int, seed: int,
-                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` seeded random byte batches (x, y), y = x shifted by one: content does not matter for speed."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (batch, seq + 1), generator=g)
-        out.append((ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)))
-    return out
-
-
-def build_and_warm(specs: list[tuple[str, str]], cfg: LlamaConfig, batches: list, args: argparse.Namespace,
+def build_and_warm(specs: list[tuple[str, str]], cfg: Any, batches: list, args: argparse.Namespace,
                    device: torch.device, failures: list[dict[str, Any]]) -> list[Variant]:
     """Build each variant in turn, measuring what it adds to RSS, and warm it up; a variant that
     raises is logged, appended to ``failures`` and left out."""
@@ -291,7 +267,7 @@ def build_and_warm(specs: list[tuple[str, str]], cfg: LlamaConfig, batches: list
     return variants
 
 
-def _build_and_warm_one(method: str, mode: str, cfg: LlamaConfig, batches: list,
+def _build_and_warm_one(method: str, mode: str, cfg: Any, batches: list,
                         args: argparse.Namespace, device: torch.device) -> Variant:
     trim_heap()
     if device.type == "cuda":
@@ -438,8 +414,9 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------
 # parts
 # ---------------------------------------------------------------------------------------------
-def model_config(args: argparse.Namespace, seq: int) -> LlamaConfig:
-    return LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, max_seq_len=max(seq, 16))
+def model_config(args: argparse.Namespace, seq: int) -> Any:
+    """The tiny LLaMA of a setting: rotary tables as long as its sequences (16 at least)."""
+    return llama_config(args.dim, args.layers, args.heads, max_seq_len=max(seq, 16))
 
 
 def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -448,7 +425,7 @@ def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.de
     if args.compile:
         torch._dynamo.reset()  # a fresh cache per setting: no shape-driven recompiles across settings
     cfg = model_config(args, seq)
-    batches = make_batches(batch, seq, args.data_batches, args.seed, device)
+    batches = token_batches(batch, seq, args.data_batches, args.seed, device)
     modes = ("eager", "compiled") if args.compile else ("eager",)
     specs = [(m, mode) for mode in modes for m in args.variants]
     failures: list[dict[str, Any]] = []
@@ -473,7 +450,7 @@ def run_setting(batch: int, seq: int, args: argparse.Namespace, device: torch.de
     out = {"name": f"{batch}x{seq}", "batch": batch, "seq": seq, "tokens_per_step": tokens,
            "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden,
                      "max_seq_len": cfg.max_seq_len, "vocab": cfg.vocab,
-                     "params": sum(p.numel() for p in build_model(cfg).parameters())},
+                     "params": sum(p.numel() for p in build_llama(cfg).parameters())},
            "variants": records, "memory": memory, "failed": failures, "max_rss_after": max_rss()}
     return out
 
@@ -498,20 +475,19 @@ MEMORY_ROWS = (("full-rank", None), ("galore", None), ("lora", "auto"), ("switch
 def _galore_optimizer(model: nn.Module, low: list[torch.Tensor], args: argparse.Namespace) -> torch.optim.Optimizer:
     """galore-torch's AdamW at the adapters' rank on ``low``, the weights the pass adapts (as
     benchmarks/pretrain.py does), torch's AdamW update on the rest."""
-    from pretrain import load_galore
     GaLoreAdamW, _ = load_galore()
     rest = [p for p in model.parameters() if not any(p is q for q in low)]
     return GaLoreAdamW([{"params": low, "rank": args.rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
                         {"params": rest}], lr=args.lr, no_deprecation_warning=True)
 
 
-def probe_memory(method: str, form: str | None, checkpointed: bool, cfg: LlamaConfig, batch: tuple,
+def probe_memory(method: str, form: str | None, checkpointed: bool, cfg: Any, batch: tuple,
                  targets: set[str], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One training step of a fresh variant (eager): the bytes its forward saves for backward and its
     training state; peak = state + saved."""
     x, y = batch
-    model = build_model(cfg).to(device)
-    config = method_config(method, args.rank, tokens=x.numel(), form=form or "auto")
+    model = build_llama(cfg).to(device)
+    config = method_config(method, args.rank, tokens_per_step=x.numel(), form=form or "auto")
     module = model if config is None else dl.transform(model, (x,), config, checkpoint=checkpointed)
     low = [p for n, p in model.named_parameters() if n in targets]  # GaLore's, named before wrapping
     if config is None and checkpointed:
@@ -537,12 +513,12 @@ def probe_memory(method: str, form: str | None, checkpointed: bool, cfg: LlamaCo
     return rec
 
 
-def run_memory_probe(cfg: LlamaConfig, batch: tuple, args: argparse.Namespace, device: torch.device) -> list[dict]:
+def run_memory_probe(cfg: Any, batch: tuple, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Every MEMORY_ROWS variant without and with per-block checkpointing (the form before
     recomputation only without: checkpointing recomputes every W' anyway)."""
     x = batch[0]
     t0 = time.perf_counter()
-    targets = {a.weight for a in dl.adapters(dl.transform(build_model(cfg).to(device), (x,), dl.LoRA(rank=args.rank)))}
+    targets = {a.weight for a in dl.adapters(dl.transform(build_llama(cfg).to(device), (x,), method_config("lora", args.rank)))}
     rows = []
     for checkpointed in (False, True):
         for method, form in MEMORY_ROWS:
@@ -635,7 +611,7 @@ def run_form_sweep(args: argparse.Namespace, device: torch.device) -> dict[str, 
     the form ``form="auto"`` picks (``choose_form``), and the crossover measured vs predicted."""
     cfg = model_config(args, args.seq)
     example = torch.zeros(1, 8, dtype=torch.long)
-    gm = dl.transform(build_model(cfg), (example,), dl.LoRA(rank=max(args.form_ranks), form="weight"))
+    gm = dl.transform(build_llama(cfg), (example,), method_config("lora", max(args.form_ranks), form="weight"))
     shapes = sorted({(a.shape[0], math.prod(a.shape[1:])) for a in dl.adapters(gm)})
     del gm
     log(f"adapter form sweep: shapes {shapes}, tokens/step {args.form_tokens}, ranks {args.form_ranks}")
@@ -758,6 +734,16 @@ def form_notes(fs: dict[str, Any]) -> list[str]:
 
 
 def print_report(result: dict[str, Any], markdown: bool) -> None:
+    """Every table and note of ``result``: GitHub markdown for the README, or rich tables."""
+    from rich.console import Console
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+    def say(md: str, plain: str) -> None:
+        if markdown:
+            print(md)
+        else:
+            console.print(plain, markup=False)
+
     a = result["analytic"]
     head = (f"model: {result['args']['layers']} layers, dim {result['args']['dim']}, rank {result['args']['rank']}; "
             f"torch {result['machine']['torch']}, {result['machine']['torch_threads']} threads, "
@@ -765,49 +751,24 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             f"{result['args']['steps_per_round']} steps, interleaved")
     rate = (f"switching at peak rate ({a['peak_per_adapter_side']:.2f} vectors/side/adapter/step); over a "
             f"{a['run_steps']}-step run the rate averages {a['mean_rate_over_peak']:.3f} x peak")
-    if markdown:
-        print(f"<!-- speed.py: {head} -->\n")
-        print(f"_{head}. {rate}._\n")
-        for s in result["settings"]:
-            sh, sr, mh, mr = setting_rows(s)
-            print(f"**{s['name']} ({s['tokens_per_step']} tokens/step), speed**\n")
-            print(markdown_table(sh, sr, ["l", "l"] + ["r"] * (len(sh) - 2)) + "\n")
-            print(f"**{s['name']}, memory and compile**\n")
-            print(markdown_table(mh, mr, ["l", "l"] + ["r"] * (len(mh) - 2)) + "\n")
-            if s.get("memory"):
-                ph, pr = memory_rows(s)
-                print(f"**{s['name']}, peak training memory = state + saved for backward (eager, one step)**\n")
-                print(markdown_table(ph, pr, ["l", "l", "l"] + ["r"] * (len(ph) - 3)) + "\n")
-            for f in s.get("failed", []):
-                print(f"- **{f['label']} failed**: `{f['error']}`")
-        if result.get("form_sweep"):
-            fh, fr = form_rows(result["form_sweep"])
-            print("**Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)**\n")
-            print(markdown_table(fh, fr, ["l"] + ["r"] * (len(fh) - 2) + ["l"]) + "\n")
-            for note in form_notes(result["form_sweep"]):
-                print(f"- {note}")
-        return
-    from rich.console import Console
-    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
-    console.print(head)
-    console.print(rate)
+    say(f"<!-- speed.py: {head} -->\n\n_{head}. {rate}._\n", f"{head}\n{rate}")
     for s in result["settings"]:
         sh, sr, mh, mr = setting_rows(s)
         ph, pr = memory_rows(s)
-        for title, h, rows in ((f"{s['name']} ({s['tokens_per_step']} tokens/step): speed", sh, sr),
-                               (f"{s['name']}: memory and compile", mh, mr),
-                               (f"{s['name']}: peak training memory = state + saved for backward", ph, pr)):
-            if not rows:
-                continue
-            console.print(rich_table(title, h, rows, ["l", "l"] + ["r"] * (len(h) - 2)))
+        for title, h, rows, left in ((f"{s['name']} ({s['tokens_per_step']} tokens/step), speed", sh, sr, 2),
+                                     (f"{s['name']}, memory and compile", mh, mr, 2),
+                                     (f"{s['name']}, peak training memory = state + saved for backward "
+                                      "(eager, one step)", ph, pr, 3)):
+            if rows:
+                print_table(title, h, rows, ["l"] * left + ["r"] * (len(h) - left), markdown=markdown, console=console)
         for f in s.get("failed", []):
-            console.print(f"[bold red]{f['label']} failed[/]: {f['error']}", markup=True)
+            say(f"- **{f['label']} failed**: `{f['error']}`", f"{f['label']} failed: {f['error']}")
     if result.get("form_sweep"):
         fh, fr = form_rows(result["form_sweep"])
-        console.print(rich_table("Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)", fh, fr,
-                                 ["r"] * len(fh)))
+        print_table("Adapter form per op: weight-space vs activation branch (fwd+bwd, eager)", fh, fr,
+                    ["l"] + ["r"] * (len(fh) - 2) + ["l"], markdown=markdown, console=console)
         for note in form_notes(result["form_sweep"]):
-            console.print(note)
+            say(f"- {note}", note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -909,7 +870,7 @@ def process_warmup(args: argparse.Namespace, device: torch.device) -> None:
     """One untimed step of a full-rank and a SwitchLoRA model, thrown away, so that one-off
     process costs (kernel and library loading, export machinery) land on no variant's numbers."""
     batch, seq = args.setting_list[0] if args.setting_list else (args.batch, args.seq)
-    batches = make_batches(batch, seq, 1, args.seed, device)
+    batches = token_batches(batch, seq, 1, args.seed, device)
     for method in ("full-rank", "switchlora-seeded"):
         v = build_variant(method, "eager", model_config(args, seq), batches[0][0], args, device)
         train_step(v, batches, device)

@@ -2,26 +2,21 @@
 
     python benchmarks/zoo_table.py [--out benchmarks/results/zoo.json] [--markdown]
 
-Coverage is counted by the independent oracle in tests/zoo.py (a torch.export graph walk that
+Coverage is counted by the independent oracle in dynlora_fx/testing/zoo.py (a torch.export graph walk that
 does not use dynlora_fx), leaving out weights that are also embedding tables (tied heads).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import dynlora_fx as dl  # noqa: E402
-from zoo import ZOO, weight_bearing_params  # noqa: E402
+import dynlora_fx as dl
+from _common import print_table, write_json
+from dynlora_fx.testing.zoo import ZOO, weight_bearing_params
 
 
 def main() -> None:
@@ -44,22 +39,11 @@ def main() -> None:
                      "coverage": sum(n for k, n in oracle.items() if k in adapted) / total,
                      "transform_seconds": round(seconds, 3),
                      "forms": sorted({a.form for a in dl.adapters(gm)})})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "cpus": os.cpu_count()}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(args.out, {"meta": {"torch": torch.__version__, "cpus": os.cpu_count()}, "rows": rows})
     cols = ["model", "capture", "weight-bearing params", "coverage", "transform s", "forms"]
     vals = [[r["model"], r["capture"], f"{r['weight_bearing_params']:,}", f"{100 * r['coverage']:.1f}%",
              f"{r['transform_seconds']:.2f}", "+".join(r["forms"])] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        for v in vals:
-            print("| " + " | ".join(v) + " |")
-        return
-    table = Table(*cols, title="dynlora-fx zoo")
-    for v in vals:
-        table.add_row(*v)
-    Console().print(table)
+    print_table("dynlora-fx zoo", cols, vals, ["l", "l", "r", "r", "r", "l"], markdown=args.markdown)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (zoo, reference) by name
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -2,8 +2,6 @@
 (dropout included), far fewer saved bytes, on both capture paths, eager and compiled."""
 
 import copy
-import os
-import sys
 import warnings
 
 import pytest
@@ -14,9 +12,7 @@ import torch.utils.checkpoint as torch_checkpoint
 import dynlora_fx as dl
 from dynlora_fx.errors import ConfigError, DynLoRAError
 from dynlora_fx.passes import find_regions, region_modules, repeated_blocks
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from _common import SavedTensors  # noqa: E402
+from dynlora_fx.testing import SavedTensors
 
 
 def saved_bytes(forward, gm):
@@ -435,7 +431,7 @@ def test_checkpoint_errors():
 # now regression cases; each recomputes at least one block of a different random model.
 @pytest.mark.parametrize("seed", [38, 39, 63, 73, 92, 100, 103, 119])
 def test_fuzzed_models_recompute_exactly(seed):
-    import fuzz_models as fm
+    from dynlora_fx.testing import fuzz_models as fm
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -448,7 +444,7 @@ def test_fuzzed_models_recompute_exactly(seed):
 # the same outputs, gradients and buffers.
 @pytest.mark.parametrize("seed", [17, 19])
 def test_fuzzed_temporary_writes_and_routing_recompute(seed):
-    import fuzz_models as fm
+    from dynlora_fx.testing import fuzz_models as fm
 
     spec = fm.draw_checkpoint_spec(seed)
     assert {b["kind"] for b in spec["blocks"]} & set(fm.CHECKPOINT_BLOCKS)

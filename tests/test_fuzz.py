@@ -1,4 +1,4 @@
-"""The fuzzer in CI: a fixed seeded set of random models, every invariant of tests/fuzz_models.py.
+"""The fuzzer in CI: a fixed seeded set of random models, every invariant of dynlora_fx/testing/fuzz_models.py.
 
 Longer campaigns: ``python benchmarks/fuzz.py --count N --start S --shrink`` (JSON in
 benchmarks/results/). A failure printed here reproduces with
@@ -14,7 +14,7 @@ import torch
 
 import dynlora_fx.capture as capture_mod
 import dynlora_fx.passes.functionalize as functionalize_mod
-import fuzz_models as fm
+from dynlora_fx.testing import fuzz_models as fm
 
 CI_SEEDS = range(240)  # ~0.25 s a model on 2 idle cores (~1 min in all); every block kind and raw op appears
 

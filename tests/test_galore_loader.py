@@ -1,4 +1,4 @@
-"""benchmarks/pretrain.py: load_galore works when called again, with and without bitsandbytes.
+"""dynlora_fx.testing.load_galore (the benchmarks' GaLore baseline) works when called again, with and without bitsandbytes.
 
 Without bitsandbytes the first call leaves a bare ``galore_torch`` package in ``sys.modules``;
 the second call used to raise ImportError on it (benchmarks/speed.py calls it after pretrain's
@@ -28,9 +28,8 @@ class NoBitsandbytes:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 if {hide!r}:
     sys.meta_path.insert(0, NoBitsandbytes())
-sys.path.insert(0, {bench!r})
 import torch
-from pretrain import load_galore
+from dynlora_fx.testing import load_galore
 first, how_first = load_galore()
 second, how_second = load_galore()
 assert second is first, (first, second)
@@ -46,7 +45,7 @@ print(how_second)
 
 
 def _run(hide: bool) -> subprocess.CompletedProcess:
-    code = PROGRAM.format(hide=hide, bench=str(ROOT / "benchmarks"))
+    code = PROGRAM.format(hide=hide)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 

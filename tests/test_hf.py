@@ -8,7 +8,6 @@ import copy
 import importlib.util
 import inspect
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +16,14 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dynlora_fx as dl
+from dynlora_fx.testing import load_script
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/hf_trainer.py")
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,16 @@ from torch.func import functional_call
 
 import dynlora_fx as dl
 from dynlora_fx.ops import keep_merged_weights
+from dynlora_fx.testing import SavedTensors
 
 
 def saved_bytes(module, args, params):
     """Bytes autograd keeps for backward in one forward of ``module(*args)``, distinct storages,
     ``params`` excluded; then runs the backward (so recipes are unpacked) and returns the output."""
-    exclude = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors(exclude=params) as saved:
         out = module(*args)
     out.square().sum().backward()
-    return sum(seen.values()), out
+    return saved.bytes, out
 
 
 class Products(nn.Module):

@@ -5,7 +5,7 @@ import torch
 
 import dynlora_fx as dl
 from dynlora_fx.export import rel_error
-from zoo import ZOO, weight_bearing_params
+from dynlora_fx.testing.zoo import ZOO, weight_bearing_params
 
 
 def _perturb(gm):

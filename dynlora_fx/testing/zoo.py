@@ -1,8 +1,8 @@
 """A zoo of small real models used as test subjects for the adapter pass.
 
-Plain helper module (no tests here). Import it as ``from zoo import ZOO`` (the
-tests directory is put on ``sys.path`` by conftest) or ``from tests.zoo import
-ZOO``; it uses no relative imports so both work.
+Plain helper module (no tests here): ``from dynlora_fx.testing.zoo import ZOO``. The
+model libraries a case needs (transformers, torchvision, timm) are imported when the case
+is built, never at import.
 
 Every case is tiny (hidden sizes 32-64, one or two layers, 32x32 images, vocab
 100, sequence length 8) so that build + forward takes milliseconds. All weights
@@ -10,7 +10,7 @@ are randomly initialised from a config or a constructor: nothing is downloaded.
 
 ``weight_bearing_params`` is an *independent* oracle for the set of parameters
 that feed a matrix product (linear / conv / mm / bmm / einsum / RNN / grouped
-mm ...). It deliberately does not import ``dynlora_fx``: it exports the model
+mm ...). It deliberately uses no ``dynlora_fx`` code: it exports the model
 with ``torch.export`` and walks the ATen graph itself.
 """
 
@@ -117,12 +117,7 @@ def _build(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 # ---------------------------------------------------------------------------
 
 _HF_COMMON = dict(
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    use_cache=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+    vocab_size=VOCAB, max_position_embeddings=64, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 
 
@@ -130,14 +125,8 @@ def _hf_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-        **_HF_COMMON,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, attn_implementation="eager", **_HF_COMMON,
     )
     return LlamaForCausalLM(cfg)
 
@@ -146,19 +135,8 @@ def _hf_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_inner=64,
-        resid_pdrop=0.1,
-        embd_pdrop=0.1,
-        attn_pdrop=0.1,
-        use_cache=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64, resid_pdrop=0.1, embd_pdrop=0.1,
+        attn_pdrop=0.1, use_cache=False, bos_token_id=1, eos_token_id=2, attn_implementation="eager",
     )
     return GPT2LMHeadModel(cfg)  # lm_head tied to wte
 
@@ -167,17 +145,9 @@ def _hf_bert() -> nn.Module:
     from transformers import BertConfig, BertForMaskedLM
 
     cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        pad_token_id=0,
-        attn_implementation="eager",
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=64, type_vocab_size=2,
+        pad_token_id=0, attn_implementation="eager",
     )
     return BertForMaskedLM(cfg)  # decoder tied to word_embeddings
 
@@ -186,15 +156,8 @@ def _hf_mistral() -> nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-        **_HF_COMMON,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=None, tie_word_embeddings=False, attn_implementation="sdpa", **_HF_COMMON,
     )
     return MistralForCausalLM(cfg)
 
@@ -207,19 +170,9 @@ def _hf_mixtral() -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        router_jitter_noise=0.0,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-        experts_implementation="grouped_mm",
-        **_HF_COMMON,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0, sliding_window=None,
+        tie_word_embeddings=False, attn_implementation="eager", experts_implementation="grouped_mm", **_HF_COMMON,
     )
     return MixtralForCausalLM(cfg)
 
@@ -239,15 +192,8 @@ def _tv_vit() -> nn.Module:
     from torchvision.models import VisionTransformer
 
     model = VisionTransformer(
-        image_size=IMG,
-        patch_size=8,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        dropout=0.1,
-        attention_dropout=0.1,
-        num_classes=NUM_CLASSES,
+        image_size=IMG, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, dropout=0.1,
+        attention_dropout=0.1, num_classes=NUM_CLASSES,
     )
     # torchvision zero-initialises the classifier, which makes the output a
     # constant (= bias) at init; give it a random init so outputs depend on input
@@ -278,17 +224,8 @@ def _timm_vit() -> nn.Module:
     import timm
 
     return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=IMG,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        mlp_ratio=2.0,
-        num_classes=NUM_CLASSES,
-        drop_rate=0.1,
-        drop_path_rate=0.1,
+        "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        mlp_ratio=2.0, num_classes=NUM_CLASSES, drop_rate=0.1, drop_path_rate=0.1,
     )
 
 
@@ -297,11 +234,7 @@ def _timm_efficientnet() -> nn.Module:
 
     # timm's own tiny test architecture: depthwise convs, squeeze-excite, BN+act
     return timm.create_model(
-        "test_efficientnet",
-        pretrained=False,
-        num_classes=NUM_CLASSES,
-        drop_rate=0.1,
-        drop_path_rate=0.1,
+        "test_efficientnet", pretrained=False, num_classes=NUM_CLASSES, drop_rate=0.1, drop_path_rate=0.1,
     )
 
 
@@ -439,12 +372,7 @@ class TinyCNN(nn.Module):
 
 def _case(id, fn, inputs, kwargs, has_dropout) -> ZooCase:
     return ZooCase(
-        id=id,
-        build=_build(fn),
-        inputs=inputs,
-        kwargs=kwargs,
-        has_dropout=has_dropout,
-        main_output=main_output,
+        id=id, build=_build(fn), inputs=inputs, kwargs=kwargs, has_dropout=has_dropout, main_output=main_output,
     )
 
 
