@@ -85,7 +85,6 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import socket  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -94,8 +93,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -109,8 +106,8 @@ import dynlora_fx as dl  # noqa: E402
 from dynlora_fx.parallel import data_parallel_mesh  # noqa: E402
 from dynlora_fx.shards import local  # noqa: E402
 
-from _common import code_version, human_bytes, log, machine_info, markdown_table, median, rich_table, write_json  # noqa: E402
-from tiny_llama import LlamaConfig, build_model  # noqa: E402
+from _common import build_llama, code_version, human_bytes, llama_config, log, machine_info, median, print_table, \
+    write_json  # noqa: E402
 
 SETUPS = ("full-rank-fsdp2", "switchlora-fsdp2", "switchlora-ddp", "full-rank-ddp")
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "other")
@@ -362,15 +359,15 @@ class Setup:
             self.links[link] += n
 
 
-def model_config(args: argparse.Namespace) -> LlamaConfig:
-    return LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, max_seq_len=max(256, args.seq))
+def model_config(args: argparse.Namespace) -> Any:
+    return llama_config(args.dim, args.layers, args.heads, max_seq_len=max(256, args.seq))
 
 
 def build_setup(name: str, args: argparse.Namespace, world: int, example: torch.Tensor,
                 counter: CommCounter) -> Setup:
     """``name``'s model, wrapped by ``dl.parallelize`` (FSDP2 on every decoder block and the root, the root
     kept gathered; or DDP with the counting comm hook), with its optimizer and, for SwitchLoRA, switcher."""
-    model = build_model(model_config(args))  # seeded: the same on every rank
+    model = build_llama(model_config(args))  # seeded: the same on every rank
     raf = args.reshard_after_forward
     inner = model
     if name.startswith("switchlora"):
@@ -540,7 +537,7 @@ def policy_cases(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
 def build_policy_case(case: dict[str, Any], args: argparse.Namespace, example: torch.Tensor) -> Setup:
     """The case's model sharded by ``dl.parallelize`` over its FSDP2 or HSDP mesh (the root stays gathered)."""
     mesh = data_parallel_mesh(case["replicas"])
-    model = build_model(model_config(args))
+    model = build_llama(model_config(args))
     if case["model"] == "full-rank":
         dl.parallelize(model, shard=True, mesh=mesh, reshard_after_forward=case["policy"])
         return Setup(case["name"], model, torch.optim.AdamW(model.parameters(), lr=args.lr), model, dict)
@@ -685,10 +682,7 @@ def run_policies(args: argparse.Namespace) -> dict[str, Any]:
         print(f"_tiny LLaMA, {a.layers} layers, dim {a.dim}; global batch {a.batch}x{a.seq}; {world} CPU gloo ranks "
               f"as {world // a.node_size} nodes of {a.node_size}; per rank and step (the largest over ranks); step "
               f"ms = median of {a.rounds}x{a.steps_per_round} interleaved steps, slowest rank._\n")
-        print(markdown_table(h, rows, ["l", "l", "l"] + ["r"] * (len(h) - 3)))
-    else:
-        from rich.console import Console
-        Console(width=220, highlight=False).print(rich_table("reshard policies", h, rows))
+    print_table("reshard policies", h, rows, ["l", "l", "l"] + ["r"] * (len(h) - 3), markdown=args.markdown)
     log(f"wrote {path} ({result['runtime_s']:.0f} s)")
     return result
 
@@ -842,25 +836,13 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
             f"every figure is per rank (a-b: the ranks differ), bytes per training step")
     ch, cr = claim_rows(result)
     notes = mismatch_notes(result)
-    if markdown:
-        print(f"_{head}._\n")
-        for w in result["worlds"]:
-            h, rows = table_rows(w)
-            print(markdown_table(h, rows, ["r", "l"] + ["r"] * (len(h) - 3) + ["l"]) + "\n")
-        print("**Communication, SwitchLoRA / full-rank (bytes per step)**\n")
-        print(markdown_table(ch, cr) + "\n")
-        for n in notes:
-            print(f"- {n}")
-        return
-    from rich.console import Console
-    console = Console(width=None if sys.stdout.isatty() else 220, highlight=False)
-    console.print(head)
+    print(f"_{head}._\n" if markdown else head)
     for w in result["worlds"]:
         h, rows = table_rows(w)
-        console.print(rich_table(f"{w['world']} ranks", h, rows, ["r", "l"] + ["r"] * (len(h) - 3) + ["l"]))
-    console.print(rich_table("Communication, SwitchLoRA / full-rank (bytes per step)", ch, cr, ["r"] * len(ch)))
+        print_table(f"{w['world']} ranks", h, rows, ["r", "l"] + ["r"] * (len(h) - 3) + ["l"], markdown=markdown)
+    print_table("Communication, SwitchLoRA / full-rank (bytes per step)", ch, cr, ["r"] * len(ch), markdown=markdown)
     for n in notes:
-        console.print(n, markup=False)
+        print(f"- {n}" if markdown else n)
 
 
 # ---------------------------------------------------------------------------------------------
