@@ -44,12 +44,7 @@ class CompiledModule(nn.Module):
         self.__dict__["_compiled"] = {}  # graph -> its compiled callable (graphs live as long as the module)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self._modules["_orig_mod"]
-        module.__dict__["_runner"] = self._runner  # through __call__: FSDP2's root hooks run as they would
-        try:
-            return module(*args, **kwargs)
-        finally:
-            module.__dict__.pop("_runner", None)
+        return self._modules["_orig_mod"].call_with_runner(self._runner, *args, **kwargs)
 
     def _runner(self, graph: fx.GraphModule) -> Callable[..., Any]:
         compiled = self.__dict__["_compiled"].get(graph)
@@ -58,12 +53,11 @@ class CompiledModule(nn.Module):
         return compiled
 
     def _compile(self, graph: fx.GraphModule) -> Callable[..., Any]:
-        module, options = self._modules["_orig_mod"], dict(self.__dict__["_options"])
-        if module.sharded:  # each block's body on its own, between FSDP2's (eager) hooks
-            for region in region_modules(graph):
-                if region.__dict__["unit"] is not None and region.__dict__["compiled_run"] is None:
-                    region.__dict__["compiled_run"] = torch.compile(region.runner(), **options)
-            options["fullgraph"] = False  # the graph breaks where each sharded block runs
+        options = dict(self.__dict__["_options"])
+        # a sharded block's region compiles on its own, between FSDP2's (eager) hooks ...
+        on_their_own = [r.compile_with(lambda m: torch.compile(m, **options)) for r in region_modules(graph)]
+        if any(on_their_own):
+            options["fullgraph"] = False  # ... and the graph breaks where each of them runs
         # the graph module's generated forward is a code object of its own: a cache of its own in Dynamo
         return torch.compile(graph, **options)
 
