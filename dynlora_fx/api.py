@@ -9,15 +9,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture, recording_checkpointed_modules
 from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs, split_batch_norm
 from .distributed import whole_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
-from .passes import outline_regions, find_regions, find_targets, recording_checkpointed_modules, region_bodies, \
-    remove_adapters, repeated_blocks
+from .passes import outline_regions, find_regions, find_targets, region_bodies, remove_adapters, repeated_blocks
 
 __all__ = ["transform", "merge", "merge_and_unload"]
 

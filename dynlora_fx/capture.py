@@ -15,15 +15,20 @@ capture path and are refused.
 Every graph's ``get_attr``/``call_module`` targets point into one shared state tree:
 ``model.<fqn>`` (the copy of the user's model: its parameters and buffers, read at run
 time so ``.to()``/``load_state_dict`` reach both graphs) and ``constants.<name>``.
+
+The model's own activation checkpointing (``torch.utils.checkpoint``) is seen through while
+capturing under :func:`recording_checkpointed_modules`, which records the modules it covered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -32,9 +37,11 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from ._compat import checkpoint_calls
 from .errors import CaptureError
 
-__all__ = ["Capture", "capture", "recapture", "guard_checker", "graph_module", "MODES"]
+__all__ = ["Capture", "capture", "recapture", "recording_checkpointed_modules", "guard_checker", "graph_module",
+           "MODES"]
 
 MODES = ("train", "eval")
 # nn modules kept opaque by fx (their weights are read from the module); every other
@@ -592,3 +599,56 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = 
                            "make forward a function of its inputs, parameters and buffers only (no Python-side "
                            "state, no hooks or RNG outside torch); a captured graph cannot reproduce the rest")
     return Capture(graphs, "export", constants, notes)
+
+
+# -- the model's own checkpointing ---------------------------------------------------------------
+
+def _module_of(function: Any) -> nn.Module | None:
+    """The module a checkpointed callable runs: ``block``, ``block.forward``, ``partial(...)`` of
+    either, or ``partial(Block.forward, block)`` (Hugging Face checkpoints ``forward`` this way)."""
+    for _ in range(8):
+        if isinstance(function, nn.Module):
+            return function
+        owner = getattr(function, "__self__", None)
+        if isinstance(owner, nn.Module):
+            return owner
+        if isinstance(function, functools.partial):
+            if function.args and isinstance(function.args[0], nn.Module):
+                return function.args[0]
+            function = function.func
+            continue
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def recording_checkpointed_modules() -> Iterator[set[int]]:
+    """While active, ``torch.utils.checkpoint.checkpoint`` (both variants, and
+    ``checkpoint_sequential``) runs its function directly, and the ids of the modules it was
+    asked to checkpoint are added to the yielded set. Capture inside it sees through the model's
+    own checkpointing; the set says where that checkpointing was."""
+    recorded: set[int] = set()
+    pending: list[bool] = []
+
+    def first_module_entered(module: nn.Module, args: Any) -> None:
+        if pending and pending[-1]:
+            recorded.add(id(module))
+            pending[-1] = False
+
+    @contextlib.contextmanager
+    def running(function: Any) -> Iterator[None]:
+        module = _module_of(function)
+        if module is not None:
+            recorded.add(id(module))
+        pending.append(module is None)  # a closure: the first module it calls is the block
+        try:
+            yield
+        finally:
+            pending.pop()
+
+    handle = nn.modules.module.register_module_forward_pre_hook(first_module_entered)
+    try:
+        with checkpoint_calls(running):
+            yield recorded
+    finally:
+        handle.remove()

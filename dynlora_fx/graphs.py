@@ -28,10 +28,10 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .capture import _put_back, _state, graph_module, guard_checker, recapture
+from .capture import _put_back, _state, graph_module, guard_checker, recapture, recording_checkpointed_modules
 from .errors import DynLoRAError
 from .passes import find_regions, functionalize_batch_norm, functionalize_leaves, insert_adapters, outline_regions, \
-    recording_checkpointed_modules, training_batch_norms
+    training_batch_norms
 
 if TYPE_CHECKING:
     from .module import DynLoRAModule

@@ -14,9 +14,9 @@ from .outline import outline_regions, region_bodies, region_modules
 from .find_targets import Skip, Target, TargetPlan, find_targets, weight_uses
 from .functionalize import functionalize_leaves
 from .insert_adapters import insert_adapters
-from .regions import Region, RegionPlan, find_regions, recording_checkpointed_modules, repeated_blocks
+from .regions import Region, RegionPlan, find_regions, repeated_blocks
 from .remove_adapters import remove_adapters
 
 __all__ = ["functionalize_batch_norm", "training_batch_norms", "Skip", "Target", "TargetPlan", "find_targets", "weight_uses", "functionalize_leaves",
            "insert_adapters", "remove_adapters", "Region", "RegionPlan", "find_regions", "repeated_blocks",
-           "recording_checkpointed_modules", "outline_regions", "region_bodies", "region_modules"]
+           "outline_regions", "region_bodies", "region_modules"]
