@@ -40,20 +40,20 @@ class CompiledModule(nn.Module):
     def __init__(self, module: DynLoRAModule, options: dict[str, Any]):
         super().__init__()
         self._orig_mod = module
-        self.__dict__["_options"] = options
-        self.__dict__["_compiled"] = {}  # graph -> its compiled callable (graphs live as long as the module)
+        self._options = options
+        self._compiled: dict[fx.GraphModule, Callable[..., Any]] = {}  # graphs live as long as the module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._modules["_orig_mod"].call_with_runner(self._runner, *args, **kwargs)
 
     def _runner(self, graph: fx.GraphModule) -> Callable[..., Any]:
-        compiled = self.__dict__["_compiled"].get(graph)
+        compiled = self._compiled.get(graph)
         if compiled is None:
-            compiled = self.__dict__["_compiled"][graph] = self._compile(graph)
+            compiled = self._compiled[graph] = self._compile(graph)
         return compiled
 
     def _compile(self, graph: fx.GraphModule) -> Callable[..., Any]:
-        options = dict(self.__dict__["_options"])
+        options = dict(self._options)
         # a sharded block's region compiles on its own, between FSDP2's (eager) hooks ...
         on_their_own = [r.compile_with(lambda m: torch.compile(m, **options)) for r in region_modules(graph)]
         if any(on_their_own):
@@ -72,7 +72,7 @@ class CompiledModule(nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModule:
         import copy
 
-        return CompiledModule(copy.deepcopy(self._modules["_orig_mod"], memo), dict(self.__dict__["_options"]))
+        return CompiledModule(copy.deepcopy(self._modules["_orig_mod"], memo), dict(self._options))
 
 
 def compile(module: nn.Module, **torch_compile_kwargs: Any) -> CompiledModule:  # noqa: A001 - mirrors torch.compile

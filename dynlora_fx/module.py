@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vectors, lora_a_bound, \
     project_generator, switchlora_stds
-from .capture import graph_module
+from .capture import broken_guard, graph_module
 from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
@@ -344,9 +344,8 @@ class DynLoRAModule(nn.Module):
         part = f"{type(self.model).__name__} (transformed) call"
         sig = self.captured_signature()
         names = ", ".join(sig.parameters) or "none"
-        message = str(exc).strip()
-        if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
-            condition = message[len("Guard failed:"):].strip()
+        condition = broken_guard(exc)
+        if condition is not None:
             return DynLoRAError(part, f"the inputs break a condition torch.export derived from the example inputs "
                                 f"({condition}); the captured graph is only valid where it holds (the model's "
                                 "code branches on or specialises to these sizes)",
