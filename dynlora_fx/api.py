@@ -9,15 +9,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture, recording_checkpointed_modules
 from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs, split_batch_norm
-from .distributed import is_fully_sharded, unsharded_copy
+from .distributed import whole_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .module import Adapter, AdapterTree, DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
-from .passes import outline_regions, find_regions, find_targets, recording_checkpointed_modules, region_bodies, \
-    remove_adapters, repeated_blocks
+from .passes import outline_regions, find_regions, find_targets, region_bodies, remove_adapters, repeated_blocks
 
 __all__ = ["transform", "merge", "merge_and_unload"]
 
@@ -181,8 +180,7 @@ def merge(module: nn.Module) -> DynLoRAModule:
 
     A sharded module (``dl.fully_shard``) is gathered whole first: every rank must call this, and
     every rank gets the whole merged module."""
-    src = unwrap(module)
-    out = unsharded_copy(src) if is_fully_sharded(src) else copy.deepcopy(src)
+    out = whole_copy(unwrap(module))
     _fold_adapters(out.model, out.iter_adapters())
     for g in out._unique_graphs():
         for body in (g, *region_bodies(g)):
@@ -199,14 +197,9 @@ def merge_and_unload(module: nn.Module) -> nn.Module:
     weight: no graph, no adapter, same function — ready for ``save_pretrained``/``from_pretrained``,
     ``generate``, ``torch.save`` or further training as a plain model. ``module`` is left as it is.
     Refuses to fold non-finite values. Of a sharded module: a collective, as :func:`merge`."""
-    src = unwrap(module)
-    if is_fully_sharded(src):
-        src = unsharded_copy(src)
-        model = src.model
-    else:
-        model = copy.deepcopy(src.model)
-    _fold_adapters(model, src.iter_adapters())
-    return model
+    out = whole_copy(unwrap(module))
+    _fold_adapters(out.model, out.iter_adapters())
+    return out.model
 
 
 def _fold_adapters(model: nn.Module, adapters: list[Adapter]) -> None:

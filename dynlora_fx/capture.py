@@ -15,15 +15,20 @@ capture path and are refused.
 Every graph's ``get_attr``/``call_module`` targets point into one shared state tree:
 ``model.<fqn>`` (the copy of the user's model: its parameters and buffers, read at run
 time so ``.to()``/``load_state_dict`` reach both graphs) and ``constants.<name>``.
+
+The model's own activation checkpointing (``torch.utils.checkpoint``) is seen through while
+capturing under :func:`recording_checkpointed_modules`, which records the modules it covered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -32,9 +37,11 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from ._compat import checkpoint_calls
 from .errors import CaptureError
 
-__all__ = ["Capture", "capture", "recapture", "guard_checker", "graph_module", "MODES"]
+__all__ = ["Capture", "capture", "recapture", "recording_checkpointed_modules", "preserved_state", "guard_checker",
+           "broken_guard", "graph_module", "MODES"]
 
 MODES = ("train", "eval")
 # nn modules kept opaque by fx (their weights are read from the module); every other
@@ -323,6 +330,18 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad)
 
 
+_GUARD_FAILED = "Guard failed:"  # how torch.export's input guards fail; check_static_dims fails the same way
+
+
+def broken_guard(exc: BaseException) -> str | None:
+    """The condition an input-guard failure names (torch.export's ``_guards_fn`` or
+    :func:`check_static_dims`), or None when ``exc`` is anything else."""
+    message = str(exc).strip()
+    if isinstance(exc, AssertionError) and message.startswith(_GUARD_FAILED):
+        return message[len(_GUARD_FAILED):].strip()
+    return None
+
+
 def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...],
                       guards: tuple[tuple[str, str], ...] | None = None) -> None:
     """Raise export's own kind of guard failure when an input's size differs where the graph
@@ -331,7 +350,7 @@ def check_static_dims(*inputs: Any, dims: tuple[tuple[int, int, int, str], ...],
     in the graph; they ride along for :func:`guard_checker`."""
     for i, d, size, name in dims:
         if inputs[i].shape[d] != size:
-            raise AssertionError(f"Guard failed: {name}.size()[{d}] == {size}")
+            raise AssertionError(f"{_GUARD_FAILED} {name}.size()[{d}] == {size}")
 
 
 def _guard_static_dims(graph: fx.Graph, guards: tuple[tuple[str, str], ...] | None) -> None:
@@ -457,8 +476,44 @@ def _put_back(state: list[tuple[nn.Module, str, str, torch.Tensor, torch.Tensor 
         if where == "_buffers":
             m._buffers[name] = obj
             obj.copy_(value)
-        else:
+        else:  # back where _state found it: a plain attribute, set past any hook or property of the class
             m.__dict__[name] = obj
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """On exit, ``model``'s buffers (values and objects) and plain tensor attributes are as they were on entry."""
+    state = _state(model)
+    try:
+        yield
+    finally:
+        _put_back(state)
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: tuple[nn.Parameter, ...]) -> Iterator[None]:
+    """``params`` require gradients while active (so verification checks theirs); then as they were."""
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _export_verified(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                     modes: tuple[str, ...] = MODES) -> tuple[dict[str, fx.GraphModule] | None, str]:
+    """``torch.export``'s graphs of ``modes`` and '' when they match ``model``; (None, why) when export
+    fails; (graphs, why) when they do not match."""
+    graphs, why = _try_export(model, constants, args, kwargs, dynamic_shapes, modes)
+    if graphs is None:
+        return None, why
+    for g in {id(g): g for g in graphs.values()}.values():
+        g.graph.lint()
+    why = _verify(model, graphs, args, kwargs)
+    return graphs, why and f"torch.export's graph is wrong: {why}"
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic_shapes: Any = None) -> Capture:
@@ -469,11 +524,8 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, dyna
     ``Dim.AUTO``, then the batch dims, then none). Raises ``CaptureError`` when neither path
     works. The model's buffers and tensor attributes are as they were when it returns.
     """
-    state = _state(model)
-    try:
+    with preserved_state(model):
         return _capture(model, args, dict(kwargs or {}), dynamic_shapes)
-    finally:
-        _put_back(state)
 
 
 def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict, *, dynamic_shapes: Any = None,
@@ -482,21 +534,8 @@ def recapture(model: nn.Module, constants: nn.Module, args: tuple, kwargs: dict,
     the same ``model``/``constants`` trees as the first capture, verified against ``model`` like it.
     ``trained`` (parameters frozen since the first capture: adapted weights) get their gradients
     checked too. Raises ``CaptureError``; buffers and tensor attributes are put back."""
-    state = _state(model)
-    flags = [(p, p.requires_grad) for p in trained]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(True)
-        graphs, why = _try_export(model, constants, args, dict(kwargs), dynamic_shapes, modes)
-        if graphs is not None:
-            for g in {id(g): g for g in graphs.values()}.values():
-                g.graph.lint()
-            why = _verify(model, graphs, args, kwargs)
-            why = why and f"torch.export's graph is wrong: {why}"
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        _put_back(state)
+    with preserved_state(model), _requiring_grad(trained):
+        graphs, why = _export_verified(model, constants, args, dict(kwargs), dynamic_shapes, modes)
     if why:
         raise CaptureError(f"{type(model).__name__}.forward", f"capturing it again for inputs outside the first "
                            f"capture's conditions failed ({why})",
@@ -534,10 +573,10 @@ def _broken_guard_eager(guards_fn: Any, *inputs: Any, dims: tuple[tuple[int, int
         guards_fn(*inputs)
         check_static_dims(*inputs, dims=dims)
     except AssertionError as exc:
-        message = str(exc).strip()
-        if message.startswith("Guard failed:"):
-            return message[len("Guard failed:"):].strip()
-        raise
+        condition = broken_guard(exc)
+        if condition is None:
+            raise
+        return condition
     return None
 
 
@@ -578,17 +617,69 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = 
                            "pass example_inputs (and example_kwargs) so torch.export can capture the model, "
                            "or make the traced code free of Python control flow on tensors")
     constants = nn.Module()
-    graphs, why = _try_export(model, constants, args, kwargs, dynamic_shapes)
+    graphs, why = _export_verified(model, constants, args, kwargs, dynamic_shapes)
     if graphs is None:
         notes.append(why)
         raise CaptureError(f"{type(model).__name__}.forward", "; ".join(notes),
                            "make forward exportable: replace data-dependent Python control flow with torch.cond "
                            "or tensor ops, return only tensors/containers of tensors (e.g. use_cache=False for "
                            "Hugging Face models), and check that the example inputs match forward's signature")
-    why = _verify(model, graphs, args, kwargs)
     if why:
-        notes.append(f"torch.export's graph is wrong: {why}")
+        notes.append(why)
         raise CaptureError(f"{type(model).__name__}.forward", "; ".join(notes),
                            "make forward a function of its inputs, parameters and buffers only (no Python-side "
                            "state, no hooks or RNG outside torch); a captured graph cannot reproduce the rest")
     return Capture(graphs, "export", constants, notes)
+
+
+# -- the model's own checkpointing ---------------------------------------------------------------
+
+def _module_of(function: Any) -> nn.Module | None:
+    """The module a checkpointed callable runs: ``block``, ``block.forward``, ``partial(...)`` of
+    either, or ``partial(Block.forward, block)`` (Hugging Face checkpoints ``forward`` this way)."""
+    for _ in range(8):
+        if isinstance(function, nn.Module):
+            return function
+        owner = getattr(function, "__self__", None)
+        if isinstance(owner, nn.Module):
+            return owner
+        if isinstance(function, functools.partial):
+            if function.args and isinstance(function.args[0], nn.Module):
+                return function.args[0]
+            function = function.func
+            continue
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def recording_checkpointed_modules() -> Iterator[set[int]]:
+    """While active, ``torch.utils.checkpoint.checkpoint`` (both variants, and
+    ``checkpoint_sequential``) runs its function directly, and the ids of the modules it was
+    asked to checkpoint are added to the yielded set. Capture inside it sees through the model's
+    own checkpointing; the set says where that checkpointing was."""
+    recorded: set[int] = set()
+    pending: list[bool] = []
+
+    def first_module_entered(module: nn.Module, args: Any) -> None:
+        if pending and pending[-1]:
+            recorded.add(id(module))
+            pending[-1] = False
+
+    @contextlib.contextmanager
+    def running(function: Any) -> Iterator[None]:
+        module = _module_of(function)
+        if module is not None:
+            recorded.add(id(module))
+        pending.append(module is None)  # a closure: the first module it calls is the block
+        try:
+            yield
+        finally:
+            pending.pop()
+
+    handle = nn.modules.module.register_module_forward_pre_hook(first_module_entered)
+    try:
+        with checkpoint_calls(running):
+            yield recorded
+    finally:
+        handle.remove()

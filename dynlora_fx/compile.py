@@ -40,30 +40,24 @@ class CompiledModule(nn.Module):
     def __init__(self, module: DynLoRAModule, options: dict[str, Any]):
         super().__init__()
         self._orig_mod = module
-        self.__dict__["_options"] = options
-        self.__dict__["_compiled"] = {}  # graph -> its compiled callable (graphs live as long as the module)
+        self._options = options
+        self._compiled: dict[fx.GraphModule, Callable[..., Any]] = {}  # graphs live as long as the module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self._modules["_orig_mod"]
-        module.__dict__["_runner"] = self._runner  # through __call__: FSDP2's root hooks run as they would
-        try:
-            return module(*args, **kwargs)
-        finally:
-            module.__dict__.pop("_runner", None)
+        return self._modules["_orig_mod"].call_with_runner(self._runner, *args, **kwargs)
 
     def _runner(self, graph: fx.GraphModule) -> Callable[..., Any]:
-        compiled = self.__dict__["_compiled"].get(graph)
+        compiled = self._compiled.get(graph)
         if compiled is None:
-            compiled = self.__dict__["_compiled"][graph] = self._compile(graph)
+            compiled = self._compiled[graph] = self._compile(graph)
         return compiled
 
     def _compile(self, graph: fx.GraphModule) -> Callable[..., Any]:
-        module, options = self._modules["_orig_mod"], dict(self.__dict__["_options"])
-        if module.sharded:  # each block's body on its own, between FSDP2's (eager) hooks
-            for region in region_modules(graph):
-                if region.__dict__["unit"] is not None and region.__dict__["compiled_run"] is None:
-                    region.__dict__["compiled_run"] = torch.compile(region.runner(), **options)
-            options["fullgraph"] = False  # the graph breaks where each sharded block runs
+        options = dict(self._options)
+        # a sharded block's region compiles on its own, between FSDP2's (eager) hooks ...
+        on_their_own = [r.compile_with(lambda m: torch.compile(m, **options)) for r in region_modules(graph)]
+        if any(on_their_own):
+            options["fullgraph"] = False  # ... and the graph breaks where each of them runs
         # the graph module's generated forward is a code object of its own: a cache of its own in Dynamo
         return torch.compile(graph, **options)
 
@@ -78,7 +72,7 @@ class CompiledModule(nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModule:
         import copy
 
-        return CompiledModule(copy.deepcopy(self._modules["_orig_mod"], memo), dict(self.__dict__["_options"]))
+        return CompiledModule(copy.deepcopy(self._modules["_orig_mod"], memo), dict(self._options))
 
 
 def compile(module: nn.Module, **torch_compile_kwargs: Any) -> CompiledModule:  # noqa: A001 - mirrors torch.compile

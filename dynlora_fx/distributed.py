@@ -5,7 +5,8 @@ captured graph reads every weight by attribute and never calls the model's block
 repeated block is outlined as a region of every graph (``passes/outline.py``, the partition
 activation checkpointing uses too); the block's model module and its adapter subtree are
 sharded together as one FSDP unit, whose ``run_block`` is registered as an FSDP forward method
-(``register_fsdp_forward_method``); and the region runs its body through it. torch's own hooks
+(``register_fsdp_forward_method``); and the region's runner is entered through it
+(``RegionRunner.shard_with``, ``runtime/regions.py``). torch's own hooks
 then gather the block's ``W``, ``A``, ``B`` before the block, free them after it, gather them
 again for its backward and reduce-scatter its gradients. Frozen ``W`` has no gradient, so it is
 gathered but never reduced. Everything outside the blocks is sharded at the root.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -39,9 +41,16 @@ from .module import AdapterTree, DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered
 
-__all__ = ["fully_shard", "is_fully_sharded", "unsharded_copy"]
+__all__ = ["fully_shard", "is_fully_sharded", "unsharded_copy", "whole_copy", "MergeTemplate"]
 
-_TEMPLATE = "_unsharded_template"  # a meta-device copy of the module before sharding (for merge)
+
+@dataclass(frozen=True)
+class MergeTemplate:
+    """``DynLoRAModule.merge_template``: a meta-device copy of a module as it was before
+    ``dl.fully_shard``, which :func:`unsharded_copy` fills with the gathered state. A plain holder,
+    so nn.Module does not register the copy as a submodule (its parameters would join the module's)."""
+
+    module: DynLoRAModule
 
 
 def is_fully_sharded(gm: DynLoRAModule) -> bool:
@@ -76,7 +85,7 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None,
     options: dict[str, Any] = {"mesh": mesh, "shard_placement_fn": _placements(gm, _shard_size(mesh))}  # checks first
     blocks_policy, root_policy = _reshard_policy(reshard_after_forward, _shard_size(mesh))
     blocks = _unit_blocks(gm)
-    gm.__dict__[_TEMPLATE] = _meta_copy(gm)
+    gm.merge_template = MergeTemplate(_meta_copy(gm))
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
     if offload_policy is not None:
@@ -86,7 +95,7 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh | None = None,
         torch_fully_shard([gm.model.get_submodule(block), tree], reshard_after_forward=blocks_policy, **options)
         register_fsdp_forward_method(tree, "run_block")
         for region in regions:
-            region.__dict__["unit"] = tree
+            region.shard_with(tree)
     torch_fully_shard(gm, reshard_after_forward=root_policy, **options)
     gm.sharded = tuple(blocks)
     return gm
@@ -294,7 +303,13 @@ def unsharded_copy(gm: DynLoRAModule) -> DynLoRAModule:
     """The whole module, unsharded, on every rank (a collective: every rank must call it): the
     module as it was before ``dl.fully_shard``, holding the sharded module's current state."""
     state = {k: gathered(v) for k, v in gm.state_dict().items()}
-    out = copy.deepcopy(gm.__dict__[_TEMPLATE])
+    out = copy.deepcopy(gm.merge_template.module)
     _materialize(out, next(iter(state.values())).device)
     out.load_state_dict(state)
     return out
+
+
+def whole_copy(gm: DynLoRAModule) -> DynLoRAModule:
+    """A copy of ``gm`` holding all of its state on this rank: :func:`unsharded_copy` of a sharded
+    module (a collective), else a deep copy."""
+    return unsharded_copy(gm) if is_fully_sharded(gm) else copy.deepcopy(gm)

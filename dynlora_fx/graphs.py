@@ -28,10 +28,10 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .capture import _put_back, _state, graph_module, guard_checker, recapture
+from .capture import graph_module, guard_checker, preserved_state, recapture, recording_checkpointed_modules
 from .errors import DynLoRAError
 from .passes import find_regions, functionalize_batch_norm, functionalize_leaves, insert_adapters, outline_regions, \
-    recording_checkpointed_modules, training_batch_norms
+    training_batch_norms
 
 if TYPE_CHECKING:
     from .module import DynLoRAModule
@@ -183,16 +183,15 @@ def recapture_for(gm: DynLoRAModule, mode: str, args: tuple, kwargs: dict, broke
 
 def _run_model(model: torch.nn.Module, mode: str, args: tuple, kwargs: dict) -> None:
     """Run ``model`` on the inputs in ``mode`` without gradients, leaving its state and the RNG as they were."""
-    state = _state(model)
     was_training = model.training
     cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
-    try:
-        model.train(mode == "train")
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # dropout draws from the global RNG
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-        _put_back(state)
+    with preserved_state(model):
+        try:
+            model.train(mode == "train")
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # dropout draws from the global RNG
+                model(*args, **kwargs)
+        finally:
+            model.train(was_training)
 
 
 def copy_sets(sets: list[GraphSet], rebuild: Any) -> list[GraphSet]:

@@ -23,7 +23,7 @@ import math
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vectors, lora_a_bound, \
     project_generator, switchlora_stds
-from .capture import graph_module
+from .capture import broken_guard, graph_module
 from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
@@ -259,6 +259,10 @@ class DynLoRAModule(nn.Module):
 
     recapture_limit: int = DEFAULT_RECAPTURE_LIMIT  # graph sets (guard sets) at most; set it on an instance to change
     dynamic_shapes: Any = None  # dl.transform's dynamic_shapes, for torch.export (again when capturing again)
+    merge_template: Any = None
+    """Set by ``dl.fully_shard`` (``distributed.MergeTemplate``): this module as it was before sharding, on
+    the meta device, which ``dl.merge``/``merge_and_unload`` fill with the gathered state. None when unsharded."""
+    _graph_runner: Callable[[fx.GraphModule], Callable[..., Any]] | None = None  # during call_with_runner only
 
     def __init__(self, model: nn.Module, constants: nn.Module, graphs: dict[str, fx.GraphModule],
                  capture_method: str, config: AdapterConfig, plan: TargetPlan):
@@ -288,13 +292,22 @@ class DynLoRAModule(nn.Module):
             return self._graph_for(mode, args, kwargs)(*args, **kwargs)
         try:
             graph = self._graph_for(mode, args, kwargs)
-            runner = self.__dict__.get("_runner")  # set by dl.compile's module for the duration of its call
-            return (graph if runner is None else runner(graph))(*args, **kwargs)
+            return (graph if self._graph_runner is None else self._graph_runner(graph))(*args, **kwargs)
         except (TypeError, AssertionError) as exc:
             error = self._input_error(exc, args, kwargs)
             if error is None:
                 raise
             raise error from None
+
+    def call_with_runner(self, runner: Callable[[fx.GraphModule], Callable[..., Any]], *args: Any,
+                         **kwargs: Any) -> Any:
+        """``self(*args, **kwargs)`` with the graph chosen for the inputs run as ``runner(graph)`` (``dl.compile``:
+        that graph compiled). Through ``__call__``, so hooks (FSDP2's root ones too) run as they would."""
+        self._graph_runner = runner
+        try:
+            return self(*args, **kwargs)
+        finally:
+            del self._graph_runner
 
     def _graph_for(self, mode: str, args: tuple, kwargs: dict) -> fx.GraphModule:
         """The ``mode`` graph of the first guard set that takes these inputs; captured anew when none does."""
@@ -331,9 +344,8 @@ class DynLoRAModule(nn.Module):
         part = f"{type(self.model).__name__} (transformed) call"
         sig = self.captured_signature()
         names = ", ".join(sig.parameters) or "none"
-        message = str(exc).strip()
-        if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
-            condition = message[len("Guard failed:"):].strip()
+        condition = broken_guard(exc)
+        if condition is not None:
             return DynLoRAError(part, f"the inputs break a condition torch.export derived from the example inputs "
                                 f"({condition}); the captured graph is only valid where it holds (the model's "
                                 "code branches on or specialises to these sizes)",
@@ -396,7 +408,7 @@ class DynLoRAModule(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("forward", None)  # a per-instance bound method: rebuilt on load
-        state.pop("_runner", None)  # dl.compile's, for the duration of a call
+        state.pop("_graph_runner", None)  # dl.compile's, for the duration of a call
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -422,7 +434,7 @@ class DynLoRAModule(nn.Module):
         # shared state; copy the state once and rebuild the graph modules around it.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        skip = ("_graphs", "_graph_sets", "forward", "_runner")
+        skip = ("_graphs", "_graph_sets", "forward", "_graph_runner")
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in skip}, memo))
         shared = {k: getattr(new, k) for k in _SHARED}
 

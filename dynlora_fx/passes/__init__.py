@@ -6,17 +6,17 @@
 - :func:`remove_adapters` — rewrite: drop adapter nodes (merge folds the weights first)
 - :func:`functionalize_batch_norm` — rewrite: training-mode batch norm as a pure normalisation + a stats update
 - :func:`find_regions` — analysis: the model's repeated blocks as contiguous regions of the graph
-- :func:`outline_regions` — rewrite: each region becomes a module call (checkpointed, or an FSDP unit's)
+- :func:`outline_regions` — rewrite: each region becomes a call to its runner (``runtime/regions.py``)
 """
 
 from .batch_norm import functionalize_batch_norm, training_batch_norms
-from .outline import BlockRegion, outline_regions, region_bodies, region_modules
+from .outline import outline_regions, region_bodies, region_modules
 from .find_targets import Skip, Target, TargetPlan, find_targets, weight_uses
 from .functionalize import functionalize_leaves
 from .insert_adapters import insert_adapters
-from .regions import Region, RegionPlan, find_regions, recording_checkpointed_modules, repeated_blocks
+from .regions import Region, RegionPlan, find_regions, repeated_blocks
 from .remove_adapters import remove_adapters
 
 __all__ = ["functionalize_batch_norm", "training_batch_norms", "Skip", "Target", "TargetPlan", "find_targets", "weight_uses", "functionalize_leaves",
            "insert_adapters", "remove_adapters", "Region", "RegionPlan", "find_regions", "repeated_blocks",
-           "recording_checkpointed_modules", "BlockRegion", "outline_regions", "region_bodies", "region_modules"]
+           "outline_regions", "region_bodies", "region_modules"]

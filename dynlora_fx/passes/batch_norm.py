@@ -26,6 +26,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .functionalize import replace_node
+
 __all__ = ["functionalize_batch_norm", "training_batch_norms", "update_batch_norm_stats"]
 
 # exact types: a subclass may override forward; SyncBatchNorm decides at run time whether to
@@ -122,9 +124,7 @@ def functionalize_batch_norm(gm: fx.GraphModule) -> fx.GraphModule:
                                                (state(spec["num_batches_tracked"]), 1)))
         for n in new:
             n.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replace_node(node, out)
     graph.lint()
     gm.recompile()
     return gm

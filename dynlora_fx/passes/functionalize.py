@@ -10,13 +10,20 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["functionalize_leaves"]
+__all__ = ["functionalize_leaves", "replace_node"]
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _has_forward_hooks(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def replace_node(node: fx.Node, new: fx.Node) -> None:
+    """``new`` takes ``node``'s place in its graph: its metadata and its users; ``node`` is erased."""
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
 
 
 def functionalize_leaves(gm: fx.GraphModule) -> fx.GraphModule:
@@ -45,9 +52,7 @@ def functionalize_leaves(gm: fx.GraphModule) -> fx.GraphModule:
                     padding = 0
                 new = graph.call_function(_CONV_FN[type(mod)],
                                           (x, w, b, mod.stride, padding, mod.dilation, mod.groups))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_node(node, new)
     graph.lint()
     gm.recompile()
     return gm

@@ -11,28 +11,25 @@ adapter nodes, and the attribute path for ``get_attr`` reads.
 Which blocks to look for comes from one of two sources:
 
 - :func:`repeated_blocks` — the children of the outermost block containers of the model;
-- :func:`recording_checkpointed_modules` — the modules the model itself runs under
+- ``capture.recording_checkpointed_modules`` — the modules the model itself runs under
   ``torch.utils.checkpoint`` (Hugging Face's ``gradient_checkpointing_enable()``, or a
-  user's own ``checkpoint(self.block, x)``), recorded while the model is captured. The
-  same context inlines those calls, so capture sees through them.
+  user's own ``checkpoint(self.block, x)``), recorded while the model is captured.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .._compat import checkpoint_calls
+from .insert_adapters import META_KEY
 
-__all__ = ["Region", "RegionPlan", "find_regions", "parameter_only", "repeated_blocks", "recording_checkpointed_modules"]
+__all__ = ["Region", "RegionPlan", "find_regions", "parameter_only", "repeated_blocks"]
 
 _STATE_ROOTS = ("model.", "adapters.")  # where get_attr targets of a transformed graph point
 
@@ -85,7 +82,7 @@ def _owner(path: str, blocks: list[str]) -> str | None:
 
 def _node_path(node: fx.Node) -> str | None:
     """The model path a node belongs to: innermost module for ops, the attribute for reads."""
-    tag = node.meta.get("dynlora")
+    tag = node.meta.get(META_KEY)
     if tag is not None:
         return tag["weight"]
     if node.op == "get_attr":
@@ -444,56 +441,3 @@ def _state_read(span: list[fx.Node], movable: set[fx.Node]) -> set[str]:
         elif node in movable:
             stack.extend(node.all_input_nodes)
     return out
-
-
-# -- the model's own checkpointing ---------------------------------------------------------------
-
-def _module_of(function: Any) -> nn.Module | None:
-    """The module a checkpointed callable runs: ``block``, ``block.forward``, ``partial(...)`` of
-    either, or ``partial(Block.forward, block)`` (Hugging Face checkpoints ``forward`` this way)."""
-    for _ in range(8):
-        if isinstance(function, nn.Module):
-            return function
-        owner = getattr(function, "__self__", None)
-        if isinstance(owner, nn.Module):
-            return owner
-        if isinstance(function, functools.partial):
-            if function.args and isinstance(function.args[0], nn.Module):
-                return function.args[0]
-            function = function.func
-            continue
-        return None
-    return None
-
-
-@contextlib.contextmanager
-def recording_checkpointed_modules() -> Iterator[set[int]]:
-    """While active, ``torch.utils.checkpoint.checkpoint`` (both variants, and
-    ``checkpoint_sequential``) runs its function directly, and the ids of the modules it was
-    asked to checkpoint are added to the yielded set. Capture inside it sees through the model's
-    own checkpointing; the set says where that checkpointing was."""
-    recorded: set[int] = set()
-    pending: list[bool] = []
-
-    def first_module_entered(module: nn.Module, args: Any) -> None:
-        if pending and pending[-1]:
-            recorded.add(id(module))
-            pending[-1] = False
-
-    @contextlib.contextmanager
-    def running(function: Any) -> Iterator[None]:
-        module = _module_of(function)
-        if module is not None:
-            recorded.add(id(module))
-        pending.append(module is None)  # a closure: the first module it calls is the block
-        try:
-            yield
-        finally:
-            pending.pop()
-
-    handle = nn.modules.module.register_module_forward_pre_hook(first_module_entered)
-    try:
-        with checkpoint_calls(running):
-            yield recorded
-    finally:
-        handle.remove()
