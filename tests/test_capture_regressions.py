@@ -1,5 +1,5 @@
 """Regression tests for issue 13 (silent mismatches found by fuzzing) and for the shrunk cases the
-project's own fuzzer (tests/fuzz_models.py, benchmarks/fuzz.py) found since. Each model is the
+project's own fuzzer (dynlora_fx/testing/fuzz_models.py, benchmarks/fuzz.py) found since. Each model is the
 smallest that showed the bug; each test checks what went wrong: outputs, gradients, buffers,
 the reason a weight was skipped, or what a call with another batch size does."""
 

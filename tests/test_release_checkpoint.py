@@ -15,7 +15,7 @@ import torch
 
 import dynlora_fx as dl
 
-from fixtures.make_release_checkpoint import build, train  # tests/ is on sys.path (conftest)
+from fixtures.make_release_checkpoint import build, train  # tests/ is on sys.path: pytest puts a test file's folder there (no __init__.py)
 
 FIXTURE = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "release_0_1_0.pt"), weights_only=True)
 
