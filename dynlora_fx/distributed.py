@@ -35,7 +35,8 @@ from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import Shard
 
 from .errors import DynLoRAError
-from .module import AdapterTree, DynLoRAModule
+from .adapters import AdapterTree
+from .module import DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .adapters import Adapter
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError
 from .runtime import AdamW, attach
@@ -86,8 +87,6 @@ def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> f
 def _matrix_ids(module: nn.Module, adapted: bool) -> set[int]:
     """Parameters the method is about: adapter factors, or (full-rank) every parameter of >= 2
     dims that is not an embedding table (tied heads included, as the pass skips those too)."""
-    from .module import Adapter
-
     if adapted:
         return {id(p) for m in module.modules() if isinstance(m, Adapter) for p in (m.A, m.B)}
     tables = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}

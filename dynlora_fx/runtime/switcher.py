@@ -34,7 +34,8 @@ from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors
 from ..config import ReLoRA, SwitchLoRA
 from ..errors import StateError
 from ..distributed import is_fully_sharded
-from ..module import Adapter, DynLoRAModule, SwitchState, device_seed, unwrap
+from ..adapters import Adapter
+from ..module import DynLoRAModule, SwitchState, device_seed, unwrap
 from ..shards import gathered, is_sharded, local, local_range, sum_across
 from .optim import AdamW, VectorGroup
 from .precision import RESIDUAL, check_weight_dtype, master_dtype, residual_of, update_weight
