@@ -7,7 +7,7 @@ at step 0 after each of ``--steps``. Variants, all built in one process:
 - ``fp32``                 parameters in fp32 (the reference: float rounding only);
 - ``bf16``                 parameters in bf16; adapted W keep an exact fp32 master (the runtime);
 - ``bf16 naive (ablation)`` parameters in bf16, W rounded to bf16 at every switch: the runtime
-  with its master switched off, which is what it did before (benchmark-only patch);
+  with its master switched off, which is what it did before (``PrecisionPolicy(exact_master=False)``);
 - ``fp32 + autocast bf16`` fp32 parameters, bf16 compute (the recommended recipe).
 
 Also reported: bytes per adapted weight entry that each variant holds for W.
@@ -18,34 +18,24 @@ Also reported: bytes per adapted weight entry that each variant holds for W.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dynlora_fx as dl  # noqa: E402
-import dynlora_fx.runtime.switcher as switcher_module  # noqa: E402
 from _common import code_version, log, machine_info, markdown_table, write_json  # noqa: E402
-from dynlora_fx.runtime.precision import RESIDUAL  # noqa: E402
+from dynlora_fx.runtime.precision import EXACT_MASTER, RESIDUAL, PrecisionPolicy  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16 naive (ablation)", "fp32 + autocast bf16")
 
 
-@contextlib.contextmanager
-def naive_bf16() -> Iterator[None]:
-    """The switcher without an fp32 master: W absorbs each switch in its own dtype (the old runtime)."""
-    saved = switcher_module.master_dtype, switcher_module.residual_of
-    switcher_module.master_dtype = lambda dtype: dtype
-    switcher_module.residual_of = lambda adapter, weight, create=True: None
-    try:
-        yield
-    finally:
-        switcher_module.master_dtype, switcher_module.residual_of = saved
+# the switcher without an fp32 master: W absorbs each switch in its own dtype (the old runtime)
+NAIVE_BF16 = PrecisionPolicy(exact_master=False)
 
 
 def load_tiny_llama() -> Any:
@@ -65,15 +55,14 @@ def run(variant: str, args: argparse.Namespace, tl: Any, ids: torch.Tensor) -> d
     with torch.no_grad(), amp:
         start = gm(ids).float()
     opt = dl.AdamW(gm.parameters(), lr=0.0)
-    sw = dl.attach(gm, opt, total_steps=max(args.steps))
+    sw = dl.attach(gm, opt, total_steps=max(args.steps), precision=NAIVE_BF16 if "naive" in variant else EXACT_MASTER)
     drift: dict[int, float] = {}
-    with naive_bf16() if "naive" in variant else contextlib.nullcontext():
-        for step in range(1, max(args.steps) + 1):
-            opt.step()
-            if step in args.steps:
-                with torch.no_grad(), amp:
-                    out = gm(ids).float()
-                drift[step] = ((out - start).norm() / start.norm()).item()
+    for step in range(1, max(args.steps) + 1):
+        opt.step()
+        if step in args.steps:
+            with torch.no_grad(), amp:
+                out = gm(ids).float()
+            drift[step] = ((out - start).norm() / start.norm()).item()
     weights = [gm.model.get_parameter(i.weight) for i in dl.adapters(gm)]
     entries = sum(w.numel() for w in weights)
     w_bytes = sum(w.numel() * w.element_size() for w in weights)

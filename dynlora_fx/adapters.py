@@ -44,7 +44,7 @@ class Adapter(nn.Module):
 
     def __init__(self, target: Target, uid: int, config: AdapterConfig, weight: torch.Tensor):
         super().__init__()
-        self.target, self.uid, self.seed = target, uid, config.seed
+        self.target, self.uid = target, uid
         r, rows, cols, batch = target.rank, target.rows, target.cols, target.batch
         fan_out, fan_in = (cols, rows) if target.fan_in_is_rows else (rows, cols)
         std_a, std_b = switchlora_stds(fan_out, fan_in, r)
@@ -78,22 +78,22 @@ class Adapter(nn.Module):
         self.b_index.copy_(b_idx.view(self.b_index.shape))
         # whole values, each rank of a sharded run keeping its slice of them
         if init == "switchlora":  # A's rows and B's columns are candidates
-            assign(self.A, self.generate_candidates(SIDE_A, self.a_index))
-            assign(self.B, self.generate_candidates(SIDE_B, self.b_index).transpose(-1, -2))
+            assign(self.A, self.generate_candidates(seed, SIDE_A, self.a_index))
+            assign(self.B, self.generate_candidates(seed, SIDE_B, self.b_index).transpose(-1, -2))
         else:  # LoRA: Kaiming-uniform A (as nn.Linear would), zero B
             bound = lora_a_bound(t.cols)
             assign(self.A, ((torch.rand(self.A.shape, generator=gen) * 2 - 1) * bound).to(self.A.dtype))
             assign(self.B, torch.zeros(self.B.shape, dtype=self.B.dtype))
 
-    def base_keys(self) -> torch.Tensor:
-        """Per-expert key prefix ``(E,)`` of this adapter's candidates under its current seed."""
+    def base_keys(self, seed: int) -> torch.Tensor:
+        """Per-expert key prefix ``(E,)`` of this adapter's candidates under the run's ``seed``."""
         experts = torch.arange(math.prod(self.target.batch), device=self.A.device)
-        return base_keys(self.seed, self.uid, experts, device=self.A.device)
+        return base_keys(seed, self.uid, experts, device=self.A.device)
 
-    def generate_candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
+    def generate_candidates(self, seed: int, side: int, index: torch.Tensor) -> torch.Tensor:
         """Candidate vectors ``(*index.shape, length)`` for ``index`` (shape ``(*batch, k)``),
-        regenerated from the seed (a stored table, when the switcher keeps one, holds the same)."""
-        base = self.base_keys().view(*self.target.batch, *([1] * (index.dim() - len(self.target.batch))))
+        regenerated from the run's ``seed`` (a stored table, when the switcher keeps one, holds the same)."""
+        base = self.base_keys(seed).view(*self.target.batch, *([1] * (index.dim() - len(self.target.batch))))
         keys = candidate_keys(base, side, index)
         length = self.target.cols if side == SIDE_A else self.target.rows
         bound = self.bound_a if side == SIDE_A else self.bound_b

@@ -108,7 +108,7 @@ def _check_shardable(module: nn.Module) -> DynLoRAModule:
     if not dist.is_available() or not dist.is_initialized():
         raise DynLoRAError("dl.fully_shard", "no default process group",
                            "call torch.distributed.init_process_group first (e.g. under torchrun)")
-    if module.switch_state.owner() is not None:
+    if module.switch_state.attached:
         raise DynLoRAError("dl.fully_shard", "a switcher is already attached: its optimizer holds the unsharded "
                            "parameters, which sharding replaces",
                            "call dl.fully_shard first, then build dl.AdamW(gm.parameters()) and dl.attach")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import inspect
 import types
-import weakref
 from typing import Any
 
 import torch
@@ -28,97 +27,17 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .adapters import Adapter, AdapterInfo, AdapterTree, adapter_infos
-from .candidates import project_generator
 from .capture import graph_module
 from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
 from .passes.find_targets import TargetPlan
 from .shards import is_sharded
+from .switch_state import SwitchState
 
-__all__ = ["DynLoRAModule", "SwitchState", "adapters", "unwrap", "counts_generator", "device_seed"]
+__all__ = ["DynLoRAModule", "adapters", "unwrap"]
 
 _SHARED = ("model", "adapters", "constants")
-
-
-def counts_generator(seed: int) -> torch.Generator:
-    """The CPU generator of a run's per-step switch counts (identical on every rank)."""
-    return project_generator(seed, 0xC0117)
-
-
-def device_seed(seed: int) -> int:
-    """Seed of a run's device generator (slots and candidates)."""
-    return int(torch.randint(0, 2**62, (1,), generator=project_generator(seed, 0xDE1)))
-
-
-_GENERATORS = ("counts_generator", "device_generator")
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SwitchState -> weakref to its switcher
-
-
-class SwitchState(nn.Module):
-    """The switcher's state as buffers, so that ``state_dict()`` carries it: the step, the run's
-    seed, the ReLoRA round, both generators' states (``uint8``) and the switched/skipped counters.
-    (Per-adapter bookkeeping — in-use candidates, freezes, pointers — lives on the adapters.)
-
-    The switcher attached to the module keeps host copies of step, seed and generators for its
-    hot path; ``state_dict()`` asks it for them first, and ``load_state_dict()`` hands the loaded
-    values back to it, so saving and loading the module is enough to resume."""
-
-    def __init__(self, seed: int, device: torch.device | None = None):
-        super().__init__()
-        long = {"dtype": torch.long, "device": device}
-        self.register_buffer("step", torch.zeros((), **long))
-        self.register_buffer("seed", torch.tensor(seed, **long))
-        self.register_buffer("relora_round", torch.zeros((), **long))
-        self.register_buffer("switched", torch.zeros(2, **long))  # rows of A, columns of B
-        self.register_buffer("skipped", torch.zeros((), **long))  # switches skipped on NaN/Inf
-        self.register_buffer("counts_generator", counts_generator(seed).get_state().to(device))
-        self.register_buffer("device_generator",
-                             torch.Generator().manual_seed(device_seed(seed)).get_state().to(device))
-
-    def bind(self, owner: Any) -> None:
-        """Make ``owner`` (a Switcher: ``_export_state(state)``, ``_import_state(state)``) the live copy."""
-        _OWNERS[self] = weakref.ref(owner)
-
-    def unbind(self, owner: Any) -> None:
-        if self.owner() is owner:
-            del _OWNERS[self]
-
-    def owner(self) -> Any:
-        ref = _OWNERS.get(self)
-        return None if ref is None else ref()
-
-    @torch.no_grad()
-    def pull(self) -> None:
-        """Copy the attached switcher's live state into the buffers."""
-        owner = self.owner()
-        if owner is not None:
-            owner._export_state(self)
-
-    @torch.no_grad()
-    def set_generator(self, name: str, state: torch.Tensor) -> None:
-        buf = getattr(self, name)
-        if buf.shape == state.shape:
-            buf.copy_(state)
-        else:  # another device type's generator (CPU: 5056 bytes, CUDA: 16)
-            setattr(self, name, state.to(buf.device))
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        self.pull()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        for name in _GENERATORS:  # a generator state's size depends on the device type that wrote it
-            new = state_dict.get(prefix + name)
-            if isinstance(new, torch.Tensor) and new.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(new, device=getattr(self, name).device))
-        errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        owner = self.owner()
-        if owner is not None and len(error_msgs) == errors and all(prefix + k in state_dict for k in self._buffers):
-            owner._import_state(self)
 
 
 def _untie_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
