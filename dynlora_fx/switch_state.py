@@ -74,9 +74,10 @@ class SwitchState(nn.Module):
         if self.live is not None and self.live.device.device == device:
             return self.live
         self.stop()
-        self.live = LiveState(0, 0, 0, torch.Generator(), torch.Generator(device=device))
-        self._read_buffers(self.live)
-        return self.live
+        live = LiveState(0, 0, 0, torch.Generator(), torch.Generator(device=device))
+        self._read_buffers(live)  # raises, leaving the state as it was, if the buffers cannot run on device
+        self.live = live
+        return live
 
     @torch.no_grad()
     def stop(self) -> None:

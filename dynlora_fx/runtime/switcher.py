@@ -83,8 +83,8 @@ class Switcher:
             raise ConfigError(f"dl.attach strategy={strategy!r}", "unknown switching strategy",
                               f"use one of {sorted(STRATEGIES)}")
         if strategy != "batched" and handler is not SwitchLoRAHandler:
-            raise StateError(f"dl.attach strategy={strategy!r}", f"switching strategies apply to SwitchLoRA, this "
-                             f"run uses {self.config.method}", "leave strategy at its default")
+            raise ConfigError(f"dl.attach strategy={strategy!r}", f"switching strategies apply to SwitchLoRA, this "
+                              f"run uses {self.config.method}", "leave strategy at its default")
         self.gm, self.optimizer, self.total_steps, self.precision = gm, optimizer, total_steps, precision
         self.state = gm.switch_state
         self._device = self.adapters[0].A.device
