@@ -7,7 +7,7 @@ at step 0 after each of ``--steps``. Variants, all built in one process:
 - ``fp32``                 parameters in fp32 (the reference: float rounding only);
 - ``bf16``                 parameters in bf16; adapted W keep an exact fp32 master (the runtime);
 - ``bf16 naive (ablation)`` parameters in bf16, W rounded to bf16 at every switch: the runtime
-  with its master switched off, which is what it did before (benchmark-only patch);
+  with its master switched off, which is what it did before (``PrecisionPolicy(exact_master=False)``);
 - ``fp32 + autocast bf16`` fp32 parameters, bf16 compute (the recommended recipe).
 
 Also reported: bytes per adapted weight entry that each variant holds for W.
@@ -18,33 +18,23 @@ Also reported: bytes per adapted weight entry that each variant holds for W.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 import dynlora_fx as dl
-import dynlora_fx.runtime.switcher as switcher_module
 from _common import build_llama, code_version, llama_config, log, machine_info, method_config, print_table, \
     random_tokens, write_json
-from dynlora_fx.runtime.precision import RESIDUAL
+from dynlora_fx.runtime.precision import EXACT_MASTER, RESIDUAL, PrecisionPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = ("fp32", "bf16", "bf16 naive (ablation)", "fp32 + autocast bf16")
 
 
-@contextlib.contextmanager
-def naive_bf16() -> Iterator[None]:
-    """The switcher without an fp32 master: W absorbs each switch in its own dtype (the old runtime)."""
-    saved = switcher_module.master_dtype, switcher_module.residual_of
-    switcher_module.master_dtype = lambda dtype: dtype
-    switcher_module.residual_of = lambda adapter, weight, create=True: None
-    try:
-        yield
-    finally:
-        switcher_module.master_dtype, switcher_module.residual_of = saved
+# the switcher without an fp32 master: W absorbs each switch in its own dtype (the old runtime)
+NAIVE_BF16 = PrecisionPolicy(exact_master=False)
 
 
 def run(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
@@ -56,15 +46,14 @@ def run(variant: str, args: argparse.Namespace, ids: torch.Tensor) -> dict[str, 
     with torch.no_grad(), amp:
         start = gm(ids).float()
     opt = dl.AdamW(gm.parameters(), lr=0.0)
-    sw = dl.attach(gm, opt, total_steps=max(args.steps))
+    sw = dl.attach(gm, opt, total_steps=max(args.steps), precision=NAIVE_BF16 if "naive" in variant else EXACT_MASTER)
     drift: dict[int, float] = {}
-    with naive_bf16() if "naive" in variant else contextlib.nullcontext():
-        for step in range(1, max(args.steps) + 1):
-            opt.step()
-            if step in args.steps:
-                with torch.no_grad(), amp:
-                    out = gm(ids).float()
-                drift[step] = ((out - start).norm() / start.norm()).item()
+    for step in range(1, max(args.steps) + 1):
+        opt.step()
+        if step in args.steps:
+            with torch.no_grad(), amp:
+                out = gm(ids).float()
+            drift[step] = ((out - start).norm() / start.norm()).item()
     weights = [gm.model.get_parameter(i.weight) for i in dl.adapters(gm)]
     entries = sum(w.numel() for w in weights)
     w_bytes = sum(w.numel() * w.element_size() for w in weights)

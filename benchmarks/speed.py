@@ -14,7 +14,7 @@ Variants (each ``eager`` and, unless ``--no-compile``, ``compiled``):
 - ``switchlora-seeded``     dl.SwitchLoRA(candidates="seeded"), dl.AdamW + dl.attach
 - ``switchlora-stored``     dl.SwitchLoRA(candidates="stored"), dl.AdamW + dl.attach
 - ``switchlora-reference``  dl.SwitchLoRA switched by the per-vector
-                            Python loop of ``reference_switching.ReferenceSwitcher``
+                            Python loop: dl.attach(..., strategy="reference")
 
 - ``switchlora-keep``       ``switchlora-seeded`` run under ``dynlora_fx.ops.keep_merged_weights()``: the
                             weight-space form as it was before it recomputed ``W'`` in backward
@@ -88,7 +88,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,7 +109,6 @@ from _common import (RssSampler, build_llama, code_version, current_rss, human_b
                      machine_info, max_rss, median, method_config, optimizer_state_bytes, print_table, quantile,
                      settle, token_batches, trim_heap, write_json)
 from dynlora_fx.testing import SavedTensors, load_galore  # noqa: E402
-from reference_switching import ReferenceSwitcher  # noqa: E402
 
 METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference")
 # positions x = t / T at which the switcher's hooks are timed for the run average
@@ -133,7 +132,7 @@ class Variant:
     module: nn.Module  # what the loop calls (possibly compiled)
     inner: nn.Module  # the plain model or the transformed module (uncompiled)
     optimizer: torch.optim.Optimizer
-    switcher: Any  # dl.Switcher, ReferenceSwitcher or None
+    switcher: Any  # dl.Switcher (batched or reference strategy) or None
     config: Any
     hook_s: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0})
     steps: list[dict[str, float]] = field(default_factory=list)  # timed steps
@@ -148,22 +147,19 @@ class Variant:
 
 
 def _time_hooks(v: Variant, device: torch.device) -> None:
-    """Wrap the switcher's optimizer-step hooks in place so their wall time accumulates in
-    ``v.hook_s`` (``Switcher._hooks`` are the handles of ``register_step_{pre,post}_hook``)."""
-    for handle, key in zip(v.switcher._hooks, ("pre", "post")):
-        hooks = handle.hooks_dict_ref()
-        fn = hooks[handle.id]
-
-        def timed(*args: Any, _fn: Callable = fn, _key: str = key, **kwargs: Any) -> Any:
+    """Time the switcher's optimizer-step hooks, accumulated in ``v.hook_s`` (through the
+    switcher's ``around_hook``), the device settled before and after each."""
+    @contextlib.contextmanager
+    def timed(phase: str) -> Iterator[None]:
+        settle(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
             settle(device)
-            t0 = time.perf_counter()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                settle(device)
-                v.hook_s[_key] += time.perf_counter() - t0
+            v.hook_s[phase] += time.perf_counter() - t0
 
-        hooks[handle.id] = timed
+    v.switcher.around_hook = timed
 
 
 def build_variant(method: str, mode: str, cfg: Any, example: torch.Tensor, args: argparse.Namespace,
@@ -176,10 +172,8 @@ def build_variant(method: str, mode: str, cfg: Any, example: torch.Tensor, args:
     optimizer = make_optimizer(inner, config, TrainSettings(steps=args.total_steps, lr=args.lr))
     switcher = None
     if isinstance(config, dl.SwitchLoRA):
-        if method == "switchlora-reference":
-            switcher = ReferenceSwitcher(inner, optimizer, args.total_steps)
-        else:
-            switcher = dl.attach(inner, optimizer, total_steps=args.total_steps)
+        strategy = "reference" if method == "switchlora-reference" else "batched"
+        switcher = dl.attach(inner, optimizer, total_steps=args.total_steps, strategy=strategy)
     if mode == "compiled":
         module = (torch.compile(inner, fullgraph=True, dynamic=False) if config is None
                   else dl.compile(inner, dynamic=False))
@@ -198,9 +192,8 @@ def build_variant(method: str, mode: str, cfg: Any, example: torch.Tensor, args:
         v.info["adapters"] = len(infos)
         v.info["adapter_forms"] = {f: sum(a.form == f for a in infos) for f in sorted({a.form for a in infos})}
         v.info["trainable_params"] = sum(p.numel() for p in inner.parameters() if p.requires_grad)
-    if isinstance(switcher, ReferenceSwitcher):  # its stored candidate tables are part of its state
-        v.info["reference_tables_bytes"] = sum(t.numel() * t.element_size()
-                                               for pair in switcher.tables.values() for t in pair)
+    if method == "switchlora-reference":  # its stored candidate tables are part of its state
+        v.info["reference_tables_bytes"] = switcher.method.strategy.held_bytes()
         v.info["state_bytes"] += v.info["reference_tables_bytes"]
     return v
 

@@ -37,7 +37,8 @@ from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import Shard
 
 from .errors import DynLoRAError
-from .module import AdapterTree, DynLoRAModule
+from .adapters import AdapterTree
+from .module import DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered
 
@@ -116,7 +117,7 @@ def _check_shardable(module: nn.Module) -> DynLoRAModule:
     if not dist.is_available() or not dist.is_initialized():
         raise DynLoRAError("dl.fully_shard", "no default process group",
                            "call torch.distributed.init_process_group first (e.g. under torchrun)")
-    if module.switch_state.owner() is not None:
+    if module.switch_state.attached:
         raise DynLoRAError("dl.fully_shard", "a switcher is already attached: its optimizer holds the unsharded "
                            "parameters, which sharding replaces",
                            "call dl.fully_shard first, then build dl.AdamW(gm.parameters()) and dl.attach")

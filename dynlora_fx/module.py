@@ -19,209 +19,25 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import types
-import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .candidates import SIDE_A, SIDE_B, base_keys, candidate_keys, candidate_vectors, lora_a_bound, \
-    project_generator, switchlora_stds
+from .adapters import Adapter, AdapterInfo, AdapterTree, adapter_infos
 from .capture import broken_guard, graph_module
 from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig
 from .errors import DynLoRAError, StateError
-from .passes.find_targets import Target, TargetPlan
-from .shards import assign, gathered, is_sharded, local
+from .passes.find_targets import TargetPlan
+from .shards import is_sharded
+from .switch_state import SwitchState
 
-__all__ = ["Adapter", "AdapterInfo", "AdapterTree", "DynLoRAModule", "SwitchState", "adapters", "unwrap", "counts_generator",
-           "device_seed"]
+__all__ = ["DynLoRAModule", "adapters", "unwrap"]
 
 _SHARED = ("model", "adapters", "constants")
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """One adapted weight. ``a``/``b`` are names in ``gm.named_parameters()``; ``A`` has shape
-    ``(*batch, r, n)`` and ``B`` ``(*batch, m, r)`` for the ``(m, n)`` matrix view of the weight
-    (``batch`` is non-empty only for stacked expert weights, each adapted on its own)."""
-
-    weight: str
-    a: str
-    b: str
-    shape: tuple[int, ...]
-    rank: int
-    op: str
-    form: str
-
-
-class Adapter(nn.Module):
-    """``A``, ``B`` and their bookkeeping for one weight. Everything switching changes is a tensor."""
-
-    def __init__(self, target: Target, uid: int, config: AdapterConfig, weight: torch.Tensor):
-        super().__init__()
-        self.target, self.uid, self.seed = target, uid, config.seed
-        r, rows, cols, batch = target.rank, target.rows, target.cols, target.batch
-        fan_out, fan_in = (cols, rows) if target.fan_in_is_rows else (rows, cols)
-        std_a, std_b = switchlora_stds(fan_out, fan_in, r)
-        if target.fan_in_is_rows:  # W stored as (in, out): storage A plays B's role and vice versa
-            std_a, std_b = std_b, std_a
-        self.bound_a, self.bound_b = math.sqrt(3) * std_a, math.sqrt(3) * std_b  # candidate ranges
-        self.num_candidates = min(rows, cols)
-        dd = {"dtype": weight.dtype, "device": weight.device}
-        self.A = nn.Parameter(torch.empty(*batch, r, cols, **dd))
-        self.B = nn.Parameter(torch.empty(*batch, rows, r, **dd))
-        self.register_buffer("scale", torch.tensor(config.alpha / r, **dd))
-        self.register_buffer("a_index", torch.empty(*batch, r, dtype=torch.long, device=weight.device))
-        self.register_buffer("b_index", torch.empty(*batch, r, dtype=torch.long, device=weight.device))
-        # switching bookkeeping (DESIGN.md §1): frozen steps left per row of A / column of B,
-        # and the round-robin pointers (A from slot 0, B from slot r/2)
-        self.register_buffer("a_frozen", torch.zeros(*batch, r, dtype=torch.int32, device=weight.device))
-        self.register_buffer("b_frozen", torch.zeros(*batch, r, dtype=torch.int32, device=weight.device))
-        self.register_buffer("a_ptr", torch.zeros(batch, dtype=torch.long, device=weight.device))
-        self.register_buffer("b_ptr", torch.full(batch, r // 2, dtype=torch.long, device=weight.device))
-        self.reset_parameters(config.seed, config.init)
-
-    @torch.no_grad()
-    def reset_parameters(self, seed: int, init: str, round_: int = 0) -> None:
-        """Draw A and B (and the in-use candidate indices) from the project generator."""
-        t = self.target
-        gen = project_generator(seed, self.uid, round_)
-        experts = math.prod(t.batch)
-        a_idx = torch.stack([torch.randperm(self.num_candidates, generator=gen)[: t.rank] for _ in range(experts)])
-        b_idx = torch.stack([torch.randperm(self.num_candidates, generator=gen)[: t.rank] for _ in range(experts)])
-        self.a_index.copy_(a_idx.view(self.a_index.shape))
-        self.b_index.copy_(b_idx.view(self.b_index.shape))
-        # whole values, each rank of a sharded run keeping its slice of them
-        if init == "switchlora":  # A's rows and B's columns are candidates
-            assign(self.A, self.generate_candidates(SIDE_A, self.a_index))
-            assign(self.B, self.generate_candidates(SIDE_B, self.b_index).transpose(-1, -2))
-        else:  # LoRA: Kaiming-uniform A (as nn.Linear would), zero B
-            bound = lora_a_bound(t.cols)
-            assign(self.A, ((torch.rand(self.A.shape, generator=gen) * 2 - 1) * bound).to(self.A.dtype))
-            assign(self.B, torch.zeros(self.B.shape, dtype=self.B.dtype))
-
-    def base_keys(self) -> torch.Tensor:
-        """Per-expert key prefix ``(E,)`` of this adapter's candidates under its current seed."""
-        experts = torch.arange(math.prod(self.target.batch), device=self.A.device)
-        return base_keys(self.seed, self.uid, experts, device=self.A.device)
-
-    def generate_candidates(self, side: int, index: torch.Tensor) -> torch.Tensor:
-        """Candidate vectors ``(*index.shape, length)`` for ``index`` (shape ``(*batch, k)``),
-        regenerated from the seed (a stored table, when the switcher keeps one, holds the same)."""
-        base = self.base_keys().view(*self.target.batch, *([1] * (index.dim() - len(self.target.batch))))
-        keys = candidate_keys(base, side, index)
-        length = self.target.cols if side == SIDE_A else self.target.rows
-        bound = self.bound_a if side == SIDE_A else self.bound_b
-        return candidate_vectors(keys, length, bound, dtype=self.A.dtype)
-
-    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``s · B @ A`` in the weight's own shape, computed in ``dtype`` (default: the factors').
-        Sharded (``dl.fully_shard``): this rank's rows of it, from its rows of ``B`` and the whole
-        ``A`` (gathered: a collective)."""
-        a, b, s = gathered(self.A), local(self.B), self.scale
-        if dtype is not None:
-            a, b, s = a.to(dtype), b.to(dtype), s.to(dtype)
-        shape = list(self.target.shape)
-        shape[len(self.target.batch)] = b.shape[-2]  # W's rows are the matrix rows, as B's
-        return (s * (b @ a)).reshape(shape)
-
-    def extra_repr(self) -> str:
-        t = self.target
-        return f"weight={t.weight}, shape={t.shape}, rank={t.rank}, form={t.form}, op={t.op}"
-
-
-class AdapterTree(nn.Module):
-    """A node of ``gm.adapters``, mirroring the model's module paths. Sharded with its block as
-    one FSDP unit (``dl.fully_shard``), :meth:`run_block` is that unit's FSDP forward method: the
-    block's region runs through it, so FSDP's hooks gather the unit around the block."""
-
-    def run_block(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-
-def counts_generator(seed: int) -> torch.Generator:
-    """The CPU generator of a run's per-step switch counts (identical on every rank)."""
-    return project_generator(seed, 0xC0117)
-
-
-def device_seed(seed: int) -> int:
-    """Seed of a run's device generator (slots and candidates)."""
-    return int(torch.randint(0, 2**62, (1,), generator=project_generator(seed, 0xDE1)))
-
-
-_GENERATORS = ("counts_generator", "device_generator")
-_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SwitchState -> weakref to its switcher
-
-
-class SwitchState(nn.Module):
-    """The switcher's state as buffers, so that ``state_dict()`` carries it: the step, the run's
-    seed, the ReLoRA round, both generators' states (``uint8``) and the switched/skipped counters.
-    (Per-adapter bookkeeping — in-use candidates, freezes, pointers — lives on the adapters.)
-
-    The switcher attached to the module keeps host copies of step, seed and generators for its
-    hot path; ``state_dict()`` asks it for them first, and ``load_state_dict()`` hands the loaded
-    values back to it, so saving and loading the module is enough to resume."""
-
-    def __init__(self, seed: int, device: torch.device | None = None):
-        super().__init__()
-        long = {"dtype": torch.long, "device": device}
-        self.register_buffer("step", torch.zeros((), **long))
-        self.register_buffer("seed", torch.tensor(seed, **long))
-        self.register_buffer("relora_round", torch.zeros((), **long))
-        self.register_buffer("switched", torch.zeros(2, **long))  # rows of A, columns of B
-        self.register_buffer("skipped", torch.zeros((), **long))  # switches skipped on NaN/Inf
-        self.register_buffer("counts_generator", counts_generator(seed).get_state().to(device))
-        self.register_buffer("device_generator",
-                             torch.Generator().manual_seed(device_seed(seed)).get_state().to(device))
-
-    def bind(self, owner: Any) -> None:
-        """Make ``owner`` (a Switcher: ``_export_state(state)``, ``_import_state(state)``) the live copy."""
-        _OWNERS[self] = weakref.ref(owner)
-
-    def unbind(self, owner: Any) -> None:
-        if self.owner() is owner:
-            del _OWNERS[self]
-
-    def owner(self) -> Any:
-        ref = _OWNERS.get(self)
-        return None if ref is None else ref()
-
-    @torch.no_grad()
-    def pull(self) -> None:
-        """Copy the attached switcher's live state into the buffers."""
-        owner = self.owner()
-        if owner is not None:
-            owner._export_state(self)
-
-    @torch.no_grad()
-    def set_generator(self, name: str, state: torch.Tensor) -> None:
-        buf = getattr(self, name)
-        if buf.shape == state.shape:
-            buf.copy_(state)
-        else:  # another device type's generator (CPU: 5056 bytes, CUDA: 16)
-            setattr(self, name, state.to(buf.device))
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        self.pull()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        for name in _GENERATORS:  # a generator state's size depends on the device type that wrote it
-            new = state_dict.get(prefix + name)
-            if isinstance(new, torch.Tensor) and new.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(new, device=getattr(self, name).device))
-        errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        owner = self.owner()
-        if owner is not None and len(error_msgs) == errors and all(prefix + k in state_dict for k in self._buffers):
-            owner._import_state(self)
 
 
 def _untie_aliases(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -469,13 +285,7 @@ def unwrap(module: nn.Module) -> DynLoRAModule:
 def adapters(module: nn.Module) -> list[AdapterInfo]:
     """One ``AdapterInfo`` per adapted weight of a transformed module, in graph order."""
     gm = unwrap(module)
-    prefix = _prefix_of(module, gm)
-    out = []
-    for ad in gm.iter_adapters():
-        t = ad.target
-        out.append(AdapterInfo(t.weight, f"{prefix}adapters.{t.weight}.A", f"{prefix}adapters.{t.weight}.B",
-                               t.shape, t.rank, t.op, t.form))
-    return out
+    return adapter_infos(gm.iter_adapters(), _prefix_of(module, gm))
 
 
 def _prefix_of(outer: nn.Module, inner: nn.Module) -> str:

@@ -23,9 +23,11 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .config import AdapterConfig, SwitchLoRA
+from .adapters import Adapter
+from .config import AdapterConfig
 from .errors import ConfigError
-from .runtime import AdamW, attach
+from .runtime import attach
+from .runtime.handlers import optimizer_class
 from .runtime.precision import RESIDUAL
 
 __all__ = ["TrainSettings", "PRECISIONS", "cast_model", "cast_inputs", "autocast", "cosine_multiplier", "make_optimizer", "Trainer",
@@ -86,8 +88,6 @@ def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> f
 def _matrix_ids(module: nn.Module, adapted: bool) -> set[int]:
     """Parameters the method is about: adapter factors, or (full-rank) every parameter of >= 2
     dims that is not an embedding table (tied heads included, as the pass skips those too)."""
-    from .module import Adapter
-
     if adapted:
         return {id(p) for m in module.modules() if isinstance(m, Adapter) for p in (m.A, m.B)}
     tables = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
@@ -105,8 +105,7 @@ def make_optimizer(module: nn.Module, config: AdapterConfig | None, settings: Tr
     groups = [{"params": matrices, "lr": settings.lr},
               {"params": others, "lr": settings.lr if settings.lr_other is None else settings.lr_other}]
     groups = [g for g in groups if g["params"]]
-    cls = AdamW if isinstance(config, SwitchLoRA) else torch.optim.AdamW
-    return cls(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    return optimizer_class(config)(groups, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -2,8 +2,6 @@
 refused with a remedy, and fp32 parameters under torch.autocast train eager and compiled."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -11,9 +9,10 @@ import torch
 import dynlora_fx as dl
 from dynlora_fx.errors import ConfigError
 from dynlora_fx.runtime.precision import join_master, master_weight, residual_of, split_master
+from dynlora_fx.testing import load_script
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from tiny_llama import LlamaConfig, TinyLlama  # noqa: E402
+_tiny_llama = load_script("examples/tiny_llama.py")
+LlamaConfig, TinyLlama = _tiny_llama.LlamaConfig, _tiny_llama.TinyLlama
 
 
 def _llama(dtype=torch.float32, device="cpu"):

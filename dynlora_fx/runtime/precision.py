@@ -15,10 +15,14 @@ weight entry, so ``W`` holds 4 bytes per entry as an fp32 ``W`` would; the forwa
 the bf16 parameter itself (no fp32 copy, no cast in the graph). fp16 has too few exponent
 bits for a 16-bit split of an fp32 value and is refused; fp32 and fp64 weights are their own
 master.
+
+The runtime writes ``W`` through a :class:`PrecisionPolicy` (``dl.attach(..., precision=)``);
+the default is the exact master above.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,7 +30,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 
-__all__ = ["RESIDUAL", "check_weight_dtype", "residual_of", "master_dtype", "update_weight", "master_weight",
+__all__ = ["PrecisionPolicy", "EXACT_MASTER", "RESIDUAL", "check_weight_dtype", "residual_of", "master_dtype", "update_weight", "master_weight",
            "split_master", "join_master"]
 
 RESIDUAL = "weight_residual"  # buffer name on each Adapter whose W is bf16
@@ -95,3 +99,23 @@ def update_weight(weight: torch.Tensor, residual: torch.Tensor | None,
     high, low = split_master(master)
     weight.copy_(high)
     residual.copy_(low)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """How the runtime's switches and ReLoRA merges write an adapted ``W``."""
+
+    # True: a bf16 W absorbs into its exact fp32 master (weight + residual). False: W absorbs in its
+    # own dtype, rounding at every update (what the runtime did before; the precision benchmark's ablation)
+    exact_master: bool = True
+
+    def master_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which a weight of ``dtype`` absorbs updates."""
+        return master_dtype(dtype) if self.exact_master else dtype
+
+    def residual(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """The residual that ``update_weight`` keeps exact alongside ``weight`` (None: none)."""
+        return residual_of(adapter, weight) if self.exact_master else None
+
+
+EXACT_MASTER = PrecisionPolicy()  # the default
