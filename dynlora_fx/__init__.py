@@ -10,7 +10,7 @@ from .distributed import fully_shard
 from .parallel import parallelize
 from .config import LoRA, ReLoRA, SwitchLoRA, config_from_json
 from .errors import DynLoRAError
-from .adapters import AdapterInfo
+from .adapter import AdapterInfo
 from .module import DynLoRAModule, adapters
 from .export import export_onnx
 from .runtime import AdamW, Switcher, attach

@@ -14,7 +14,7 @@ from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare
 from .distributed import whole_copy
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
-from .adapters import Adapter, AdapterTree
+from .adapter import Adapter, AdapterTree
 from .module import DynLoRAModule, unwrap
 from .runtime.precision import check_weight_dtype, master_dtype, master_weight, residual_of, update_weight
 from .passes import outline_regions, find_regions, find_targets, region_bodies, remove_adapters, repeated_blocks

@@ -11,7 +11,7 @@ then gather the block's ``W``, ``A``, ``B`` before the block, free them after it
 again for its backward and reduce-scatter its gradients. Frozen ``W`` has no gradient, so it is
 gathered but never reduced. Everything outside the blocks is sharded at the root.
 
-Switching then runs on each rank's shards (``runtime/switcher.py``, ``shards.py``).
+Switching then runs on each rank's shards (``runtime/switchlora.py``, ``runtime/cohorts.py``, ``shards.py``).
 
 HSDP: on a 2-D mesh ``(replicate, shard)`` torch places every parameter ``(Replicate(), Shard(d))``,
 reduce-scatters gradients in the shard group and all-reduces them across replica groups. Frozen
@@ -37,7 +37,7 @@ from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import Shard
 
 from .errors import DynLoRAError
-from .adapters import AdapterTree
+from .adapter import AdapterTree
 from .module import DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered

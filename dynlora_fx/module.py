@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .adapters import Adapter, AdapterInfo, AdapterTree, adapter_infos
+from .adapter import Adapter, AdapterInfo, AdapterTree, adapter_infos
 from .capture import broken_guard, graph_module
 from .graphs import DEFAULT_RECAPTURE_LIMIT, GraphSet, copy_sets, recapture_for
 from .config import AdapterConfig

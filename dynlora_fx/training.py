@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .adapters import Adapter
+from .adapter import Adapter
 from .config import AdapterConfig
 from .errors import ConfigError
 from .runtime import attach

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..adapters import Adapter
+from ..adapter import Adapter
 from ..candidates import SIDE_A, SIDE_B, candidate_keys, candidate_vectors
 from ..module import DynLoRAModule
 from ..shards import is_sharded, local, local_range, sum_across

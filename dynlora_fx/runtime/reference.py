@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapters import Adapter
+from ..adapter import Adapter
 from ..candidates import SIDE_A, SIDE_B
 from .cohorts import Cohort
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from ..adapters import Adapter
+from ..adapter import Adapter
 from ..errors import ConfigError, StateError
 from ..distributed import is_fully_sharded
 from ..module import DynLoRAModule, unwrap
