@@ -8,6 +8,7 @@ while one variant is built says what *that* variant added, not what it would nee
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -280,6 +281,51 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
     tmp.replace(p)
     return p
+
+
+def benchmark_parser(doc: str, out: str | os.PathLike, quick: str) -> argparse.ArgumentParser:
+    """The options every table benchmark shares: ``--quick`` (a smoke run; ``quick`` says what it
+    is), ``--out`` (the JSON, default ``out``) and ``--markdown``; described by ``doc``'s first paragraph."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--out", default=str(out), help="JSON output path")
+    p.add_argument("--markdown", action="store_true", help="print the tables as GitHub markdown")
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, rank: str, batch: str, seq: str) -> None:
+    """The tiny LLaMA's size and the batch shape, left None for :func:`fill_defaults`."""
+    p.add_argument("--dim", type=int, help="model width (default 256; quick 64)")
+    p.add_argument("--layers", type=int, help="decoder blocks (default 4; quick 2)")
+    p.add_argument("--heads", type=int, help="attention heads (default 4; quick 2)")
+    p.add_argument("--rank", type=int, help=rank)
+    p.add_argument("--batch", type=int, help=batch)
+    p.add_argument("--seq", type=int, help=seq)
+
+
+def chosen(p: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """The names in the comma list ``text`` given to ``flag``, each one of ``allowed`` (else a usage error)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        p.error(f"{flag}: unknown {unknown}; choose from {', '.join(allowed)}")
+    return names
+
+
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Each option in ``defaults`` left unset takes its (quick, full) value, by ``args.quick``."""
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def publish(path: str | os.PathLike, result: dict[str, Any], render: Any, markdown: bool) -> dict[str, Any]:
+    """A benchmark's last step: write ``result`` as JSON to ``path``, print it with ``render(result,
+    markdown)`` and log where it went and how long the run took (``result["runtime_s"]``)."""
+    written = write_json(path, result)
+    render(result, markdown)
+    log(f"wrote {written} ({result['runtime_s']:.0f} s)")
+    return result
 
 
 def rich_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]],

@@ -106,8 +106,8 @@ import dynlora_fx as dl  # noqa: E402
 from dynlora_fx.parallel import data_parallel_mesh  # noqa: E402
 from dynlora_fx.shards import local  # noqa: E402
 
-from _common import build_llama, code_version, human_bytes, llama_config, log, machine_info, median, print_table, \
-    write_json  # noqa: E402
+from _common import (add_model_flags, benchmark_parser, build_llama, chosen, code_version, fill_defaults, human_bytes,
+                     llama_config, log, machine_info, median, print_table, publish, write_json)  # noqa: E402
 
 SETUPS = ("full-rank-fsdp2", "switchlora-fsdp2", "switchlora-ddp", "full-rank-ddp")
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "other")
@@ -849,19 +849,12 @@ def print_report(result: dict[str, Any], markdown: bool) -> None:
 # main
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 ranks, tiny model, 2 timed steps: a smoke test")
-    p.add_argument("--out", default=str(HERE / "results" / "fsdp.json"), help="JSON output path")
-    p.add_argument("--markdown", action="store_true", help="print the tables as GitHub markdown")
+    p = benchmark_parser(__doc__, HERE / "results" / "fsdp.json", "2 ranks, tiny model, 2 timed steps: a smoke test")
     p.add_argument("--worlds", help="comma list of world sizes (default 2,4; quick 2)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list out of {', '.join(SETUPS)}")
-    p.add_argument("--dim", type=int, help="model width (default 256; quick 64)")
-    p.add_argument("--layers", type=int, help="decoder blocks (default 4; quick 2)")
-    p.add_argument("--heads", type=int, help="attention heads (default 4; quick 2)")
-    p.add_argument("--rank", type=int, help="SwitchLoRA rank (default 64; quick 8)")
-    p.add_argument("--batch", type=int, help="global batch, split over the ranks (default 8; quick 4)")
-    p.add_argument("--seq", type=int, help="sequence length (default 128; quick 32)")
+    add_model_flags(p, rank="SwitchLoRA rank (default 64; quick 8)",
+                    batch="global batch, split over the ranks (default 8; quick 4)",
+                    seq="sequence length (default 128; quick 32)")
     p.add_argument("--warmup", type=int, help="untimed steps per setup (default 2; quick 1)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
     p.add_argument("--steps-per-round", type=int, help="timed steps per setup per round (default 2; quick 2)")
@@ -884,21 +877,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.worlds = args.worlds or "4"
         if args.out == str(HERE / "results" / "fsdp.json"):
             args.out = str(HERE / "results" / "fsdp_policies.json")
-    q = args.quick
-    defaults = dict(worlds=("2", "2,4"), dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(4, 8),
-                    seq=(32, 128), warmup=(1, 2), rounds=(1, 3), steps_per_round=(2, 2))
-    for k, (quick_v, full_v) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, quick_v if q else full_v)
+    fill_defaults(args, dict(worlds=("2", "2,4"), dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64),
+                             batch=(4, 8), seq=(32, 128), warmup=(1, 2), rounds=(1, 3), steps_per_round=(2, 2)))
     try:
         args.worlds = [int(w) for w in str(args.worlds).split(",") if w.strip()]
         assert args.worlds and min(args.worlds) >= 1
     except (ValueError, AssertionError):
         p.error(f"--worlds: expected e.g. 2,4, got {args.worlds!r}")
-    args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    bad = [s for s in args.setups if s not in SETUPS]
-    if bad:
-        p.error(f"--setups: unknown {bad}; choose from {', '.join(SETUPS)}")
+    args.setups = chosen(p, "--setups", args.setups, SETUPS)
     for w in args.worlds:
         if args.batch % w:
             p.error(f"--batch {args.batch} must split evenly over {w} ranks")
@@ -939,10 +925,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "switchlora-fsdp2's all-reduce: switching on shards sums the few vectors a switch needs across ranks; "
         "it varies per step, is in the totals, and is not predicted or cross-checked.",
     ]
-    path = write_json(args.out, result)
-    print_report(result, args.markdown)
-    log(f"wrote {path} ({result['runtime_s']:.0f} s)")
-    return result
+    return publish(args.out, result, print_report, args.markdown)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,9 @@ from dynlora_fx.runtime.schedule import expected_switches, switch_rate  # noqa: 
 from dynlora_fx.training import TrainSettings, autocast, full_rank_state_bytes, make_optimizer, \
     training_state_bytes  # noqa: E402
 
-from _common import (RssSampler, build_llama, code_version, current_rss, human_bytes, llama_config, log,  # noqa: E402
-                     machine_info, max_rss, median, method_config, optimizer_state_bytes, print_table, quantile,
-                     settle, token_batches, trim_heap, write_json)
+from _common import (add_model_flags, benchmark_parser, build_llama, chosen, code_version, current_rss, fill_defaults,
+                     human_bytes, llama_config, log, machine_info, max_rss, median, method_config, optimizer_state_bytes,
+                     print_table, publish, quantile, RssSampler, settle, token_batches, trim_heap)  # noqa: E402
 from dynlora_fx.testing import SavedTensors, load_galore  # noqa: E402
 
 METHODS = ("full-rank", "lora", "switchlora-seeded", "switchlora-keep", "switchlora-stored", "switchlora-reference")
@@ -772,17 +772,9 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps, eager only: a smoke test")
-    p.add_argument("--out", default=str(HERE / "results" / "speed.json"), help="JSON output path")
-    p.add_argument("--markdown", action="store_true", help="print the tables as GitHub markdown")
-    p.add_argument("--dim", type=int, help="model width (default 256; quick 64)")
-    p.add_argument("--layers", type=int, help="transformer blocks (default 4; quick 2)")
-    p.add_argument("--heads", type=int, help="attention heads (default 4; quick 2)")
-    p.add_argument("--rank", type=int, help="adapter rank (default 64; quick 8)")
-    p.add_argument("--batch", type=int, help="batch of the first setting (default 8; quick 2)")
-    p.add_argument("--seq", type=int, help="sequence length of the first setting (default 128; quick 32)")
+    p = benchmark_parser(__doc__, HERE / "results" / "speed.json", "tiny model, few steps, eager only: a smoke test")
+    add_model_flags(p, rank="adapter rank (default 64; quick 8)", batch="batch of the first setting (default 8; quick 2)",
+                    seq="sequence length of the first setting (default 128; quick 32)")
     p.add_argument("--settings", help="comma list of BATCHxSEQ (default: BATCHxSEQ and (4*BATCH)xSEQ, "
                                       "i.e. 8x128 and 32x128 = 1024 and 4096 tokens/step; \"\" for none, e.g. "
                                       "to run only the form sweep)")
@@ -828,16 +820,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}{' (--preset gpu)' if args.preset else ''} needs CUDA, which is not "
                 "available here; pass --device cpu")
-    q = args.quick
     defaults = dict(dim=(64, 256), layers=(2, 4), heads=(2, 4), rank=(8, 64), batch=(2, 8), seq=(32, 128),
                     rounds=(2, 5), steps_per_round=(1, 2), warmup=(1, 2), run_avg_calls=(1, 5),
                     form_tokens=([64, 256], [256, 1024, 4096]), form_ranks=([4, 8], [16, 64]),
                     form_rounds=(3, 9))
-    for k, (quick_v, full_v) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, quick_v if q else full_v)
+    fill_defaults(args, defaults)
     if args.compile is None:
-        args.compile = not q
+        args.compile = not args.quick
     if args.settings is None:
         args.settings = f"{args.batch}x{args.seq},{4 * args.batch}x{args.seq}"
     try:
@@ -845,10 +834,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         assert all(len(s) == 2 and min(s) > 0 for s in args.setting_list)
     except (ValueError, AssertionError):
         p.error(f"--settings: expected e.g. 8x128,32x128, got {args.settings!r}")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in METHODS]
-    if bad:
-        p.error(f"--variants: unknown {bad}; choose from {', '.join(METHODS)}")
+    args.variants = chosen(p, "--variants", args.variants, METHODS)
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         p.error(f"--dim {args.dim} must split into --heads {args.heads} even-sized heads")
     return args
@@ -924,10 +910,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    path = write_json(args.out, result)
-    print_report(result, args.markdown)
-    log(f"wrote {path} ({result['runtime_s']:.0f} s)")
-    return result
+    return publish(args.out, result, print_report, args.markdown)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dynlora_fx as dl
 from dynlora_fx.cli import build_parser, run
 
 REPO = Path(__file__).resolve().parents[1]

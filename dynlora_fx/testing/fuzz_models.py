@@ -551,10 +551,10 @@ def _diff(ref: Any, got: Any) -> str:
 def _tensor_close(r: torch.Tensor | None, g: torch.Tensor | None, peers: float = 0.0) -> bool:
     """Equal up to rounding relative to ``r`` and to ``peers``, the magnitude of its sibling
     gradients (a gradient that is zero in theory, as a bias's before batch norm, is noise of that size)."""
-    if r is None and g is None:
-        return True
-    r = torch.zeros_like(g) if r is None else r
-    g = torch.zeros_like(r) if g is None else g
+    if r is None or g is None:  # a missing gradient stands for zeros (both missing: equal)
+        if r is g:
+            return True
+        r, g = (torch.zeros_like(g), g) if r is None else (r, torch.zeros_like(r))
     if r.shape != g.shape or r.dtype != g.dtype:
         return False
     if not r.is_floating_point():
@@ -644,7 +644,6 @@ def _check_once(spec: dict[str, Any], batches: tuple[int, ...]) -> dict[str, Any
     params = dict(gm.named_parameters())
     skipped = {s.weight: s.reason for s in gm.plan.skipped}
     ref_names = [n for n, p in pristine.named_parameters() if p.requires_grad]
-    ref_params = [pristine.get_parameter(n) for n in ref_names]
     gm_names = [n for n, p in gm.named_parameters() if p.requires_grad]
     gm_params = [params[n] for n in gm_names]
     ref_grad_of: dict[str, dict[str, torch.Tensor | None]] = {}
