@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .capture import capture, recording_checkpointed_modules
 from .graphs import DEFAULT_RECAPTURE_LIMIT, adapt_graphs, input_shapes, prepare_graphs, split_batch_norm
-from .distributed import whole_copy
+from .distributed import whole_copy, whole_model
 from .config import AdapterConfig, SwitchLoRA
 from .errors import ConfigError, DynLoRAError, MergeError, TargetError
 from .adapter import Adapter, AdapterTree
@@ -198,9 +198,9 @@ def merge_and_unload(module: nn.Module) -> nn.Module:
     weight: no graph, no adapter, same function — ready for ``save_pretrained``/``from_pretrained``,
     ``generate``, ``torch.save`` or further training as a plain model. ``module`` is left as it is.
     Refuses to fold non-finite values. Of a sharded module: a collective, as :func:`merge`."""
-    out = whole_copy(unwrap(module))
-    _fold_adapters(out.model, out.iter_adapters())
-    return out.model
+    model, adapters = whole_model(unwrap(module))
+    _fold_adapters(model, adapters)
+    return model
 
 
 def _fold_adapters(model: nn.Module, adapters: list[Adapter]) -> None:

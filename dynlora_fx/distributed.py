@@ -37,7 +37,7 @@ from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import Shard
 
 from .errors import DynLoRAError
-from .adapter import AdapterTree
+from .adapter import Adapter, AdapterTree
 from .module import DynLoRAModule
 from .passes import find_regions, outline_regions, region_modules, repeated_blocks
 from .shards import gathered
@@ -314,3 +314,13 @@ def whole_copy(gm: DynLoRAModule) -> DynLoRAModule:
     """A copy of ``gm`` holding all of its state on this rank: :func:`unsharded_copy` of a sharded
     module (a collective), else a deep copy."""
     return unsharded_copy(gm) if is_fully_sharded(gm) else copy.deepcopy(gm)
+
+
+def whole_model(gm: DynLoRAModule) -> tuple[nn.Module, list[Adapter]]:
+    """A copy of the wrapped model holding all of its weights on this rank, and the adapters to fold
+    into it: of a sharded module, :func:`unsharded_copy`'s (a collective); else a deep copy of
+    ``gm.model`` alone, with ``gm``'s own adapters (read, not copied)."""
+    if is_fully_sharded(gm):
+        whole = unsharded_copy(gm)
+        return whole.model, whole.iter_adapters()
+    return copy.deepcopy(gm.model), gm.iter_adapters()
