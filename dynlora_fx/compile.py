@@ -19,6 +19,7 @@ hooks between them run eagerly.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -70,8 +71,6 @@ class CompiledModule(nn.Module):
             return getattr(self._modules["_orig_mod"], name)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModule:
-        import copy
-
         return CompiledModule(copy.deepcopy(self._modules["_orig_mod"], memo), dict(self._options))
 
 

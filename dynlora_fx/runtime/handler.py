@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from .switcher import Switcher
 
@@ -22,12 +24,20 @@ class MethodHandler:
 
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW  # what training.make_optimizer builds
 
-    def __init__(self, switcher: Switcher):
+    def __init__(self, switcher: Switcher, strategy: str = "batched"):  # strategy: passed check_strategy
         self.switcher = switcher
 
     @classmethod
     def check_optimizer(cls, optimizer: torch.optim.Optimizer) -> None:
         """Raise a StateError if the method cannot run on ``optimizer``."""
+
+    @classmethod
+    def check_strategy(cls, strategy: str, method: str) -> None:
+        """Raise a ConfigError unless the method runs with switching strategy ``strategy`` (a known
+        one): only SwitchLoRA switches, so the others take the default alone."""
+        if strategy != "batched":
+            raise ConfigError(f"dl.attach strategy={strategy!r}", f"switching strategies apply to SwitchLoRA, this "
+                              f"run uses {method}", "leave strategy at its default")
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Runs before ``optimizer.step()`` (the step is ``switcher.step``)."""

@@ -20,8 +20,8 @@ __all__ = ["ReLoRAHandler"]
 
 
 class ReLoRAHandler(MethodHandler):
-    def __init__(self, switcher: Switcher):
-        super().__init__(switcher)
+    def __init__(self, switcher: Switcher, strategy: str = "batched"):
+        super().__init__(switcher, strategy)
         self._saved_lr: list[Any] = []  # the groups' learning rates while the step runs scaled
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -32,7 +32,7 @@ from .cohorts import BOOKKEEPING
 from .handler import MethodHandler
 from .handlers import handler_class
 from .precision import EXACT_MASTER, PrecisionPolicy, check_weight_dtype
-from .switchlora import STRATEGIES, SwitchLoRAHandler
+from .switchlora import STRATEGIES
 
 __all__ = ["Switcher", "attach"]
 
@@ -82,17 +82,14 @@ class Switcher:
         if strategy not in STRATEGIES:
             raise ConfigError(f"dl.attach strategy={strategy!r}", "unknown switching strategy",
                               f"use one of {sorted(STRATEGIES)}")
-        if strategy != "batched" and handler is not SwitchLoRAHandler:
-            raise ConfigError(f"dl.attach strategy={strategy!r}", f"switching strategies apply to SwitchLoRA, this "
-                              f"run uses {self.config.method}", "leave strategy at its default")
+        handler.check_strategy(strategy, self.config.method)
         self.gm, self.optimizer, self.total_steps, self.precision = gm, optimizer, total_steps, precision
         self.state = gm.switch_state
         self._device = self.adapters[0].A.device
         self.state.start(self._device)  # the module's state: fresh (step 0, the config seed's generators) or loaded
         self.around_hook: Callable[[str], ContextManager] | None = None
         self._warned = False
-        self.method: MethodHandler = (SwitchLoRAHandler(self, strategy) if handler is SwitchLoRAHandler
-                                      else handler(self))
+        self.method: MethodHandler = handler(self, strategy)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step)]
         optimizer._dynlora_switcher = self

@@ -55,11 +55,15 @@ class SwitchLoRAHandler(MethodHandler):
     optimizer_class = AdamW  # per-vector steps: a switched vector's partner restarts its bias correction
 
     def __init__(self, switcher: Switcher, strategy: str = "batched"):  # strategy: a key of STRATEGIES
-        super().__init__(switcher)
+        super().__init__(switcher, strategy)
         config = switcher.config
         self.cohorts = make_cohorts(switcher.adapters, switcher.optimizer, config.candidates == "stored",
                                     switcher.live.seed, switcher.precision)
         self.strategy: SwitchingStrategy = STRATEGIES[strategy](self)
+
+    @classmethod
+    def check_strategy(cls, strategy: str, method: str) -> None:
+        """Every strategy of STRATEGIES switches SwitchLoRA."""
 
     @classmethod
     def check_optimizer(cls, optimizer: torch.optim.Optimizer) -> None:
