@@ -81,11 +81,15 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
 # -- the CLI's training checkpoint: run "adapted" (the transformed module) and optionally run
 # "baseline" (the full-rank model), each with its Trainer's optimizer and loop state ----------
 def has_training_checkpoint(out_dir: str | os.PathLike) -> bool:
-    """Whether ``out_dir`` holds a training checkpoint of either kind (a sharded one may be mid-swap:
-    see ``_save_sharded``)."""
+    """Whether ``out_dir`` holds a training checkpoint of either kind."""
+    return (Path(out_dir) / CHECKPOINT).exists() or _sharded_folder(out_dir) is not None
+
+
+def _sharded_folder(out_dir: str | os.PathLike) -> Path | None:
+    """The folder of ``out_dir``'s sharded checkpoint: ``checkpoint.dcp``, or its ``.old`` where a save
+    was killed between its two renames (see ``_save_sharded``); None without one."""
     folder = Path(out_dir) / DCP_DIR
-    return (Path(out_dir) / CHECKPOINT).exists() or any(
-        (f / _LOOP).exists() for f in (folder, folder.with_name(DCP_DIR + ".old")))
+    return next((f for f in (folder, folder.with_name(DCP_DIR + ".old")) if (f / _LOOP).exists()), None)
 
 
 def save_training(out_dir: str | os.PathLike, gm: nn.Module, base: nn.Module | None,
@@ -187,10 +191,8 @@ def _check_complete(folder: Path) -> None:
 def _load_sharded(out_dir: str | os.PathLike, gm: nn.Module, base: nn.Module | None, runs: Mapping[str, Trainer]) -> None:
     import torch.distributed.checkpoint as dcp
 
-    folder = Path(out_dir) / DCP_DIR
-    if not (folder / _LOOP).exists() and (folder.with_name(DCP_DIR + ".old") / _LOOP).exists():
-        folder = folder.with_name(DCP_DIR + ".old")  # the save was killed between its two renames
-    if not (folder / _LOOP).exists():
+    folder = _sharded_folder(out_dir)
+    if folder is None:
         raise StateError(f"--resume {out_dir}", f"no sharded checkpoint ({DCP_DIR}) there",
                          "resume a --shard run from the --out folder of an earlier --shard --train run (a checkpoint "
                          "of a run without --shard resumes without --shard)")
